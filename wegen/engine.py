@@ -1,0 +1,276 @@
+"""WeGenEngine: the one facade the nodes and the CLI call.
+
+prompt + images -> tokens (prompting) -> EVA features (vision) -> VAR decode (mllm) -> 64 features
+-> UNet + VAE (decoder) -> pixels. Images in and out are float32 tensors (B, H, W, 3) in 0..1 on
+the CPU (ComfyUI's IMAGE layout). Engines are cached per (checkpoint, dtype, device, offload).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from . import decoder, loading, mllm, prompting, vision
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+OFFLOAD_POLICIES = ("none", "idle")  # idle: modules go back to the CPU after each phase
+_ENGINES: dict = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+@dataclass
+class WeGenCondition:
+    """What the MLLM produced for a batch: 64 features per row + reply text (+ what made them)."""
+
+    features: torch.Tensor  # (B, 64, C) float32, CPU
+    texts: list[str]
+    prompts: list[str]
+    settings: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return self.features.shape[0]
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _seeds(seed, n: int) -> list[int]:
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise ValueError(f"got {len(seed)} seeds for {n} items; give one seed or one per item")
+        seeds = [int(s) for s in seed]
+    else:
+        seeds = [int(seed) + i for i in range(n)]
+    for s in seeds:
+        if not 0 <= s <= 0xFFFFFFFFFFFFFFFF:
+            raise ValueError(f"seed must be in 0..2**64-1, got {s}")
+    return seeds
+
+
+def check_images(images, name: str = "images") -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name} must be a float tensor (B, H, W, 3) in 0..1, got {shape}")
+    return images
+
+
+class WeGenEngine:
+    def __init__(self, parts: loading.LoadedParts, device="cpu", dtype="auto", offload="none"):
+        if offload not in OFFLOAD_POLICIES:
+            raise ValueError(f"offload must be one of {OFFLOAD_POLICIES}, got {offload!r}")
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.offload = offload
+        self.parts = parts
+        self.report = parts.report
+        self.tokenizer = prompting.WeGenTokenizer(parts.tokenizer_dir)
+        self.mllm_cfg, self.eva_cfg, self.decoder_cfg = parts.mllm_cfg, parts.eva_cfg, parts.decoder_cfg
+        self.image_ids = self.tokenizer.image_token_ids(self.mllm_cfg.n_gen_tokens)
+        if self.tokenizer.vocab_size != parts.llama_config["vocab_size"]:
+            raise loading.CheckpointError(
+                f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM embeds {parts.llama_config['vocab_size']}")
+        rep = parts.report
+        self.mllm = loading.build_mllm(self.mllm_cfg, parts.llama_config, parts.mllm_state, rep).to(self.dtype)
+        self.unet = _cast(loading.build_unet(parts.unet_config, parts.unet_state, rep), self.dtype)
+        vae_dtype = torch.float32 if (self.decoder_cfg.force_upcast and self.dtype == torch.float16) else self.dtype
+        self.vae = _cast(loading.build_vae(parts.vae_config, parts.vae_state, rep), vae_dtype)
+        self.scheduler = loading.build_scheduler(parts.scheduler_config)
+        self._eva = None  # built on first use: only image inputs need it
+        self.lock = threading.RLock()
+        for m in (self.mllm, self.unet, self.vae):
+            m.eval().requires_grad_(False)
+            if offload == "none":
+                m.to(self.device)
+        parts.mllm_state = parts.unet_state = parts.vae_state = None
+        log.info("WeGen loaded %s (%s layout): %s on %s, offload=%s, attention=sdpa; ignored %d keys, "
+                 "unexpected %d", rep.root, rep.layout, str(self.dtype).replace("torch.", ""), self.device,
+                 offload, len(rep.ignored), len(rep.unexpected))
+        if rep.unexpected:
+            log.warning("unexpected checkpoint keys (not loaded): %s", ", ".join(rep.unexpected[:20]))
+
+    # Loading -------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, checkpoint: str, dtype: str = "auto", device: str = "cpu", offload: str = "none") -> "WeGenEngine":
+        """Cached per (checkpoint path, dtype, device, offload): loading twice returns the same object."""
+        layout, root = loading.resolve_checkpoint(checkpoint)
+        key = (os.path.realpath(root), dtype, str(device), offload)
+        with _ENGINES_LOCK:
+            if key not in _ENGINES:
+                _ENGINES[key] = cls(loading.load_parts(root), device=device, dtype=dtype, offload=offload)
+            return _ENGINES[key]
+
+    @property
+    def eva(self) -> vision.VisionTransformer:
+        if self._eva is None:
+            eva = loading.build_eva(self.eva_cfg, self.parts.eva_state, self.report).to(self.dtype)
+            self._eva = eva.eval().requires_grad_(False)
+            if self.offload == "none":
+                self._eva.to(self.device)
+            self.parts.eva_state = None
+        return self._eva
+
+    @contextlib.contextmanager
+    def _using(self, *modules):
+        """Modules on the compute device for one phase; back to the CPU afterwards when offload='idle'."""
+        if self.offload == "idle":
+            for m in modules:
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload == "idle":
+                for m in modules:
+                    m.to("cpu")
+
+    # Stages --------------------------------------------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) 0..1 -> pooled EVA features (N, 64, C) float32 on the CPU."""
+        check_images(images)
+        with self.lock, torch.inference_mode(), self._using(self.eva):
+            return vision.encode_images(self.eva, images, self.device, self.dtype).float().cpu()
+
+    def encode(self, prompt, images: torch.Tensor | None = None, *, seed=0, temperature: float = 0.0,
+               top_p: float = 1.0, max_new_tokens: int = 512, var_cfg_scale: float = 1.0,
+               feature_slice: str = "official", force_image: bool = True, history=None,
+               image_features: torch.Tensor | None = None, callback=None) -> WeGenCondition:
+        """Prompt(s) (+ reference images, shared by every prompt) -> WeGenCondition with (B, 64, C) features.
+
+        Args:
+            prompt: one string or a list (a batch, decoded together with padding).
+            images: (N, H, W, 3) reference images, inserted as image blocks before the instruction.
+            seed: sampling seed (int: row b uses seed + b; or one per prompt). Ignored at temperature 0.
+            temperature, top_p: text sampling; 0 is the release's greedy decoding.
+            max_new_tokens: text-token budget before the image (release: 512).
+            var_cfg_scale: the release's var-cfg on the image-slot hidden states (1.0 = off).
+            feature_slice: "official" (release) or "aligned" (extension, see mllm).
+            force_image: append <img> so every row yields an image (extension).
+            history: earlier prompting.Turn list; their image blocks need `image_features`.
+            image_features: (n, 64, C) features for the image blocks of `history`, in order.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        _check_sampling(temperature, top_p, max_new_tokens)
+        seeds = _seeds(seed, len(prompts))
+        feats = self._block_features(images, image_features)
+        n_images = 0 if images is None else images.shape[0]
+        rows_ids = []
+        for p in prompts:
+            turns = list(history or []) + [prompting.Turn(user=p, user_images=n_images)]
+            rows_ids.append(prompting.prompt_ids(self.tokenizer, turns, self.mllm_cfg.n_query, "generate",
+                                                 force_image=force_image))
+        settings = mllm.DecodeSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                       var_cfg_scale=var_cfg_scale, feature_slice=feature_slice)
+        results = self._decode(rows_ids, [feats] * len(prompts), settings, seeds, callback)
+        missing = [i for i, r in enumerate(results) if r.features is None]
+        if missing:
+            raise RuntimeError(f"the model produced no image for prompt(s) {missing} within {max_new_tokens} tokens; "
+                               f"enable force_image or raise max_new_tokens")
+        features = torch.stack([r.features for r in results]).float().cpu()
+        texts = [self._reply_text(r.ids) for r in results]
+        return WeGenCondition(features, texts, prompts, dict(seeds=seeds, temperature=temperature, top_p=top_p,
+                                                             var_cfg_scale=var_cfg_scale, feature_slice=feature_slice,
+                                                             force_image=force_image))
+
+    def decode(self, cond, *, seed=0, steps: int = 50, cfg: float = 2.0, width: int | None = None,
+               height: int | None = None, reference: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+               strength: float = 1.0, feather: int = 16, callback=None) -> torch.Tensor:
+        """WeGenCondition or (B, 64, C) features -> (B, H, W, 3) images. Release: 50 steps, cfg 2 or 7, 1024 px."""
+        features = cond.features if isinstance(cond, WeGenCondition) else cond
+        if not isinstance(features, torch.Tensor) or features.ndim != 3 or \
+                features.shape[1:] != (self.mllm_cfg.n_gen_tokens, self.mllm_cfg.feature_dim):
+            raise ValueError(f"features must be (B, {self.mllm_cfg.n_gen_tokens}, {self.mllm_cfg.feature_dim}), got "
+                             f"{tuple(getattr(features, 'shape', ()))}")
+        width = width or self.decoder_cfg.default_size
+        height = height or self.decoder_cfg.default_size
+        if reference is not None:
+            check_images(reference, "reference")
+        seeds = _seeds(seed, features.shape[0])
+        with self.lock, torch.inference_mode(), self._using(self.unet, self.vae):
+            return decoder.generate(self.unet, self.vae, self.scheduler, self.decoder_cfg, features, seeds,
+                                    steps=steps, guidance_scale=cfg, width=width, height=height,
+                                    reference=reference, mask=mask, strength=strength, feather=feather,
+                                    callback=callback)
+
+    def generate(self, prompt, images=None, *, seed=0, steps: int = 50, cfg: float = 2.0, width=None, height=None,
+                 callback=None, **encode_kwargs):
+        """encode + decode: returns (images (B, H, W, 3), WeGenCondition)."""
+        decoder.check_decode_args(steps, cfg, 1.0)
+        decoder.check_size(width or self.decoder_cfg.default_size, height or self.decoder_cfg.default_size)
+        cond = self.encode(prompt, images, seed=seed, callback=callback, **encode_kwargs)
+        return self.decode(cond, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
+                           callback=callback), cond
+
+    def understand(self, images: torch.Tensor, question: str, *, max_new_tokens: int = 256,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, callback=None) -> str:
+        """(N, H, W, 3) images + question -> reply text (no image is generated)."""
+        check_images(images)
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        _check_sampling(temperature, top_p, max_new_tokens)
+        feats = self._block_features(images, None)
+        turns = [prompting.Turn(user=question, user_images=images.shape[0])]
+        ids = prompting.prompt_ids(self.tokenizer, turns, self.mllm_cfg.n_query, "chat")
+        settings = mllm.DecodeSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                       allow_image=False)
+        result = self._decode([ids], [feats], settings, _seeds(seed, 1), callback)[0]
+        return self._reply_text(result.ids)
+
+    def reconstruct(self, images: torch.Tensor, *, seed=0, steps: int = 50, cfg: float = 2.0, width=None,
+                    height=None, callback=None) -> torch.Tensor:
+        """(B, H, W, 3) -> EVA -> 4x4 pool -> UNet -> (B, H', W', 3): the detokenizer's sanity path."""
+        decoder.check_decode_args(steps, cfg, 1.0)
+        decoder.check_size(width or self.decoder_cfg.default_size, height or self.decoder_cfg.default_size)
+        return self.decode(self.encode_images(images), seed=seed, steps=steps, cfg=cfg, width=width,
+                           height=height, callback=callback)
+
+    # Helpers -------------------------------------------------------------------------------------
+
+    def _block_features(self, images, image_features):
+        """Features of every image block in prompt order: history blocks first, then the new images."""
+        parts = []
+        if image_features is not None:
+            parts.append(image_features.float())
+        if images is not None:
+            parts.append(self.encode_images(check_images(images)))
+        return torch.cat(parts) if parts else None
+
+    def _decode(self, rows_ids, rows_features, settings, seeds, callback):
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        with self.lock, torch.inference_mode(), self._using(self.mllm):
+            return mllm.decode(self.mllm, rows_ids, rows_features, self.image_ids, settings, self.tokenizer.eos_id,
+                               generators, callback)
+
+    def _reply_text(self, ids: list[int]) -> str:
+        """Generated ids -> text without the image block (release: regex strips every <...> tag)."""
+        image_like = {self.image_ids.start, self.image_ids.end, *self.image_ids.slots}
+        return prompting.clean_reply(self.tokenizer.decode([i for i in ids if i not in image_like]))
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """nn.Module.to(dtype), skipping diffusers' keep-in-fp32 warning (these UNet/VAE keep none)."""
+    return torch.nn.Module.to(module, dtype)
+
+
+def _check_sampling(temperature, top_p, max_new_tokens):
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")

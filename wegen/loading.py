@@ -1,0 +1,376 @@
+"""Files -> modules: the official release layout, the converted layout, and `convert`.
+
+Official layout (`wegen_mllm_ckpt/`, loaded in the order of the release's `src/eval/inference.py`):
+  pretrained/SEED-X/cvlm_llama2_tokenizer_100img_and_224loc_addpatch/  tokenizer.model, added_tokens.json
+  pretrained/meta-llama/Llama-2-7b-chat-hf/config.json                  Llama architecture
+  pretrained/EVA-CLIP/visual.pt                                         EVA tower state dict
+  pretrained/stable-diffusion-xl-base-1.0/{vae,scheduler}/              SDXL VAE + Euler config
+  stage1_final/unet/{config.json, diffusion_pytorch_model.bf16.safetensors}
+  stage2_final/checkpoint-30000/pytorch_model_merged.bin                stage-2 agent state dict
+  pytorch_model.bin                                                     final agent state dict (wins)
+Converted layout: `wegen_config.json`, `tokenizer/`, and one safetensors file per module (mmap-loaded).
+
+Modules are built on the meta device and filled with `load_state_dict(assign=True)`, so nothing is
+initialised twice; every missing, unexpected or ignored key is reported.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .decoder import DecoderConfig
+from .mllm import MllmConfig, WeGenMLLM
+from .vision import EvaConfig, VisionTransformer
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_DIRNAME = "wegen_mllm_ckpt"
+TOKENIZER_DIR = "pretrained/SEED-X/cvlm_llama2_tokenizer_100img_and_224loc_addpatch"
+LLAMA_DIR = "pretrained/meta-llama/Llama-2-7b-chat-hf"
+EVA_FILE = "pretrained/EVA-CLIP/visual.pt"
+SDXL_DIR = "pretrained/stable-diffusion-xl-base-1.0"
+UNET_DIR = "stage1_final/unet"
+UNET_FILE = "diffusion_pytorch_model.bf16.safetensors"  # variant="bf16"
+STAGE2_FILE = "stage2_final/checkpoint-30000/pytorch_model_merged.bin"
+FINAL_FILE = "pytorch_model.bin"
+# Extension: the four YAML-only constants of the release may be overridden here.
+SIDECAR_FILE = "wegen_sidecar.json"
+SIDECAR_KEYS = {"n_query_tokens": 64, "n_gen_tokens": 64, "eva_head_width": 112, "image_size": 448}
+CONVERTED_CONFIG = "wegen_config.json"
+CONVERTED_FILES = ("eva.safetensors", "mllm.safetensors", "unet.safetensors", "vae.safetensors")
+
+# Agent keys that carry no weights used at inference (reported as ignored, never dropped silently).
+IGNORED_AGENT_KEYS = {
+    "input_resampler.avgpoolquery.scale": "AvgPoolQuery's unused scalar",
+    "adapter.resampler.scale": "AvgPoolQuery's unused scalar",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be used; the message names the path and the fix."""
+
+
+@dataclass
+class LoadReport:
+    layout: str
+    root: str
+    missing: dict = field(default_factory=dict)  # module -> [keys]
+    unexpected: list = field(default_factory=list)
+    ignored: list = field(default_factory=list)  # (key, reason)
+    sources: list = field(default_factory=list)
+
+
+@dataclass
+class LoadedParts:
+    """Everything a WeGenEngine needs, on the CPU, in the dtype the files hold."""
+
+    tokenizer_dir: str
+    eva_cfg: EvaConfig
+    mllm_cfg: MllmConfig
+    decoder_cfg: DecoderConfig
+    llama_config: dict
+    unet_config: dict
+    vae_config: dict
+    scheduler_config: dict
+    eva_state: dict
+    mllm_state: dict
+    unet_state: dict
+    vae_state: dict
+    report: LoadReport
+
+
+# Locating files ----------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """(layout, root) for a `wegen_mllm_ckpt/` folder, its parent, or a converted folder."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder not found: {path} (give the wegen_mllm_ckpt/ folder, its parent, "
+                              f"or a folder written by `python -m wegen convert`)")
+    if os.path.isfile(os.path.join(path, CONVERTED_CONFIG)):
+        return "converted", path
+    if os.path.isdir(os.path.join(path, "pretrained")) or os.path.isfile(os.path.join(path, FINAL_FILE)):
+        return "official", path
+    inner = os.path.join(path, OFFICIAL_DIRNAME)
+    if os.path.isdir(inner):
+        return "official", inner
+    raise CheckpointError(f"{path} is not a WeGen checkpoint: expected {CONVERTED_CONFIG} (converted layout), "
+                          f"or pretrained/ and {FINAL_FILE} (official {OFFICIAL_DIRNAME}/ layout), "
+                          f"or a {OFFICIAL_DIRNAME}/ subfolder")
+
+
+def _need(root: str, rel: str) -> str:
+    full = os.path.join(root, rel)
+    if not os.path.exists(full):
+        raise CheckpointError(f"checkpoint is incomplete: missing {full} (expected at {rel} inside {root})")
+    return full
+
+
+def _first_existing(root: str, folder: str, names: tuple[str, ...]) -> str:
+    for name in names:
+        full = os.path.join(root, folder, name)
+        if os.path.isfile(full):
+            return full
+    raise CheckpointError(f"checkpoint is incomplete: none of {', '.join(names)} in {os.path.join(root, folder)}")
+
+
+def required_official_files(root: str) -> list[str]:
+    """Every file the official layout must hold (checked before anything is read)."""
+    rels = [f"{TOKENIZER_DIR}/tokenizer.model", f"{TOKENIZER_DIR}/added_tokens.json", f"{LLAMA_DIR}/config.json",
+            EVA_FILE, f"{SDXL_DIR}/vae/config.json", f"{SDXL_DIR}/scheduler/scheduler_config.json",
+            f"{UNET_DIR}/config.json", f"{UNET_DIR}/{UNET_FILE}", FINAL_FILE]
+    return [_need(root, rel) for rel in rels]
+
+
+# Reading files -----------------------------------------------------------------------------------
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def load_pickle(path: str) -> dict:
+    """A release `.bin`/`.pt` state dict with weights_only=True (no code runs); refused otherwise."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refused to load {path}: it needs more than plain tensors to unpickle "
+                              f"(weights_only=True failed: {str(e).splitlines()[0]}). Only plain state dicts are "
+                              f"loaded, since a pickle that runs code is unsafe") from e
+    except Exception as e:  # truncated zip, bad magic number, ...
+        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return sd
+
+
+def load_safetensors(path: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({e})") from e
+
+
+def read_sidecar(root: str) -> dict:
+    values = dict(SIDECAR_KEYS)
+    path = os.path.join(root, SIDECAR_FILE)
+    if os.path.isfile(path):
+        extra = read_json(path)
+        unknown = set(extra) - set(SIDECAR_KEYS)
+        if unknown:
+            raise CheckpointError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(SIDECAR_KEYS)}")
+        values.update({k: int(v) for k, v in extra.items()})
+    return values
+
+
+def eva_config_from_state(sd: dict, constants: dict) -> EvaConfig:
+    """EVA dimensions from tensor shapes; head width and image size from the sidecar constants."""
+    width, _, patch, _ = sd["patch_embed.proj.weight"].shape
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    n_pos = sd["pos_embed"].shape[1] - 1
+    grid = int(round(n_pos ** 0.5))
+    cfg = EvaConfig(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
+                    head_width=constants["eva_head_width"], mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0],
+                    n_query=constants["n_query_tokens"])
+    if cfg.image_size != constants["image_size"]:
+        raise CheckpointError(f"EVA pos_embed implies {cfg.image_size}px input but image_size is "
+                              f"{constants['image_size']}; fix {SIDECAR_FILE}")
+    if width % cfg.head_width:
+        raise CheckpointError(f"EVA width {width} is not a multiple of eva_head_width {cfg.head_width}")
+    return cfg
+
+
+def split_agent_state(agent: dict, report: LoadReport) -> tuple[dict, dict]:
+    """Release agent keys -> (mllm state, adapter.unet overlay); drops rotary inv_freq, reports the rest."""
+    mllm, unet = {}, {}
+    for key, value in agent.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            report.ignored.append((key, "rotary buffer, recomputed by transformers"))
+        elif key in IGNORED_AGENT_KEYS:
+            report.ignored.append((key, IGNORED_AGENT_KEYS[key]))
+        elif key.startswith(("llm.", "input_resampler.proj.", "output_resampler.proj.")):
+            mllm[key] = value
+        elif key.startswith("adapter.unet."):
+            unet[key[len("adapter.unet."):]] = value
+        else:
+            report.unexpected.append(key)
+    return mllm, unet
+
+
+def load_official(root: str) -> LoadedParts:
+    required_official_files(root)
+    report = LoadReport("official", root)
+    constants = read_sidecar(root)
+    tok_dir = os.path.join(root, TOKENIZER_DIR)
+    llama_config = read_json(os.path.join(root, LLAMA_DIR, "config.json"))
+    eva_state = load_pickle(os.path.join(root, EVA_FILE))
+    report.sources.append(EVA_FILE)
+    unet_config = read_json(os.path.join(root, UNET_DIR, "config.json"))
+    unet_state = load_safetensors(os.path.join(root, UNET_DIR, UNET_FILE))
+    vae_config = read_json(os.path.join(root, SDXL_DIR, "vae", "config.json"))
+    vae_state = load_safetensors(_first_existing(root, f"{SDXL_DIR}/vae", (
+        "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")))
+    scheduler_config = read_json(os.path.join(root, SDXL_DIR, "scheduler", "scheduler_config.json"))
+    # Agent weights: stage 2 first, then the final bin on top (the last one wins).
+    agent: dict = {}
+    for rel in (STAGE2_FILE, FINAL_FILE):
+        path = os.path.join(root, rel)
+        if os.path.isfile(path):
+            agent.update(load_pickle(path))
+            report.sources.append(rel)
+        else:
+            log.info("%s not present; skipped (the final %s holds the whole agent)", rel, FINAL_FILE)
+    mllm_state, unet_overlay = split_agent_state(agent, report)
+    unet_state.update(unet_overlay)
+    return _assemble(tok_dir, constants, llama_config, unet_config, vae_config, scheduler_config,
+                     eva_state, mllm_state, unet_state, vae_state, report)
+
+
+def _assemble(tok_dir, constants, llama_config, unet_config, vae_config, scheduler_config,
+              eva_state, mllm_state, unet_state, vae_state, report) -> LoadedParts:
+    if "llm.model.embed_tokens.weight" not in mllm_state or "input_resampler.proj.weight" not in mllm_state:
+        raise CheckpointError(f"the agent weights in {report.root} lack the LLM or its projections "
+                              f"(no llm.model.embed_tokens.weight / input_resampler.proj.weight)")
+    eva_cfg = eva_config_from_state(eva_state, constants)
+    hidden, feature_dim = mllm_state["input_resampler.proj.weight"].shape
+    mllm_cfg = MllmConfig(hidden=hidden, feature_dim=feature_dim, n_query=constants["n_query_tokens"],
+                          n_gen_tokens=constants["n_gen_tokens"])
+    llama_config = dict(llama_config, vocab_size=mllm_state["llm.model.embed_tokens.weight"].shape[0])
+    if llama_config.get("hidden_size") != hidden:
+        raise CheckpointError(f"Llama config hidden_size {llama_config.get('hidden_size')} != projection width {hidden}")
+    if unet_config.get("cross_attention_dim") != feature_dim and unet_config.get("encoder_hid_dim") != feature_dim:
+        raise CheckpointError(f"UNet cross_attention_dim {unet_config.get('cross_attention_dim')} does not match "
+                              f"the image-feature width {feature_dim}")
+    vae_scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+    decoder_cfg = DecoderConfig(context_dim=feature_dim, latent_channels=vae_config.get("latent_channels", 4),
+                                vae_scale_factor=vae_scale,
+                                default_size=int(unet_config.get("sample_size", 128)) * vae_scale,
+                                scaling_factor=float(vae_config.get("scaling_factor", 0.13025)),
+                                force_upcast=bool(vae_config.get("force_upcast", True)))
+    return LoadedParts(tok_dir, eva_cfg, mllm_cfg, decoder_cfg, llama_config, unet_config, vae_config,
+                       scheduler_config, eva_state, mllm_state, unet_state, vae_state, report)
+
+
+def load_converted(root: str) -> LoadedParts:
+    config = read_json(os.path.join(root, CONVERTED_CONFIG))
+    for name in CONVERTED_FILES:
+        _need(root, name)
+    _need(root, "tokenizer/tokenizer.model")
+    report = LoadReport("converted", root, sources=list(CONVERTED_FILES))
+    states = [load_safetensors(os.path.join(root, name)) for name in CONVERTED_FILES]
+    return _assemble(os.path.join(root, "tokenizer"), config["constants"], config["llama"], config["unet"],
+                     config["vae"], config["scheduler"], *states, report)
+
+
+def load_parts(checkpoint: str) -> LoadedParts:
+    layout, root = resolve_checkpoint(checkpoint)
+    return load_official(root) if layout == "official" else load_converted(root)
+
+
+# Building modules --------------------------------------------------------------------------------
+
+def materialize(module: torch.nn.Module, state: dict, name: str, report: LoadReport, strict: bool = True):
+    """Fill a meta-device module from `state` (assign=True); missing weights are an error naming them."""
+    result = module.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        report.unexpected += [f"{name}:{k}" for k in result.unexpected_keys]
+    still_meta = [k for k, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if result.missing_keys:
+        report.missing[name] = list(result.missing_keys)
+    if still_meta and strict:
+        raise CheckpointError(f"{report.root}: {name} weights missing from the checkpoint: "
+                              f"{', '.join(still_meta[:8])}{' ...' if len(still_meta) > 8 else ''} "
+                              f"({len(still_meta)} tensors)")
+    return module
+
+
+def build_eva(cfg: EvaConfig, state: dict | None = None, report: LoadReport | None = None):
+    with torch.device("meta"):
+        eva = VisionTransformer(cfg)
+    if state is None:
+        return eva
+    return materialize(eva, state, "eva", report)
+
+
+def build_mllm(cfg: MllmConfig, llama_config: dict, state: dict | None = None, report: LoadReport | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in llama_config.items() if not k.startswith("_")})
+    config.tie_word_embeddings = False  # Llama-2 keeps an untied lm_head
+    with torch.device("meta"):
+        model = WeGenMLLM(cfg, LlamaForCausalLM(config))
+    if state is None:
+        return model
+    materialize(model, state, "mllm", report, strict=False)
+    rotary = model.llm.model.rotary_emb  # non-persistent buffers: rebuild on the CPU
+    model.llm.model.rotary_emb = type(rotary)(config=model.llm.config)
+    still_meta = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{report.root}: LLM weights missing from the agent checkpoint: "
+                              f"{', '.join(still_meta[:8])} ({len(still_meta)} tensors)")
+    return model
+
+
+def build_unet(unet_config: dict, state: dict | None = None, report: LoadReport | None = None):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    return unet if state is None else materialize(unet, state, "unet", report)
+
+
+def build_vae(vae_config: dict, state: dict | None = None, report: LoadReport | None = None):
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vae_config)
+    return vae if state is None else materialize(vae, state, "vae", report)
+
+
+def build_scheduler(scheduler_config: dict):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(scheduler_config)
+
+
+# Converting --------------------------------------------------------------------------------------
+
+def convert(src: str, dst: str) -> str:
+    """Official layout -> converted layout (wegen_config.json + safetensors). Returns dst."""
+    from safetensors.torch import save_file
+
+    parts = load_parts(src)
+    if parts.report.layout != "official":
+        raise CheckpointError(f"{src} is already in the converted layout")
+    dst = os.path.abspath(dst)
+    try:
+        os.makedirs(os.path.join(dst, "tokenizer"), exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the converted checkpoint to {dst}: {e}") from e
+    for name in os.listdir(parts.tokenizer_dir):
+        shutil.copy2(os.path.join(parts.tokenizer_dir, name), os.path.join(dst, "tokenizer", name))
+    states = (parts.eva_state, parts.mllm_state, parts.unet_state, parts.vae_state)
+    for name, state in zip(CONVERTED_FILES, states):
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(dst, name))
+    config = {"format": "wegen-converted", "version": 1,
+              "constants": {"n_query_tokens": parts.mllm_cfg.n_query, "n_gen_tokens": parts.mllm_cfg.n_gen_tokens,
+                            "eva_head_width": parts.eva_cfg.head_width, "image_size": parts.eva_cfg.image_size},
+              "eva": asdict(parts.eva_cfg), "llama": parts.llama_config, "unet": parts.unet_config,
+              "vae": parts.vae_config, "scheduler": parts.scheduler_config,
+              "source": {"layout": "official", "files": parts.report.sources}}
+    with open(os.path.join(dst, CONVERTED_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1, default=str)
+    return dst
