@@ -16,6 +16,7 @@ extension: the release's slice is likely one position late, see the architecture
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -161,6 +162,15 @@ class DecodeSettings:
 class RowResult:
     ids: list[int] = field(default_factory=list)  # generated ids, image block included
     features: torch.Tensor | None = None  # (n_gen, feature_dim) of the first generated image
+    prompt_cache: object = None  # KV cache of the whole prompt (keep_prompt_cache=True, B=1)
+
+
+@dataclass
+class Prefix:
+    """KV cache of (at least) the first `length` prompt tokens of a B=1 decode; longer caches are cropped."""
+
+    cache: object
+    length: int
 
 
 @dataclass
@@ -204,8 +214,14 @@ def build_prefill(model: WeGenMLLM, rows_ids: list[list[int]], rows_features: li
 
 
 def decode(model: WeGenMLLM, rows_ids: list[list[int]], rows_features: list, image_ids: ImageTokenIds,
-           settings: DecodeSettings, eos_id: int, generators: list | None = None, callback=None) -> list[RowResult]:
-    """Prefill, then one token per step for every row (B >= 1). Returns one RowResult per row."""
+           settings: DecodeSettings, eos_id: int, generators: list | None = None, callback=None,
+           prefix: Prefix | None = None, keep_prompt_cache: bool = False) -> list[RowResult]:
+    """Prefill, then one token per step for every row (B >= 1). Returns one RowResult per row.
+
+    `prefix` (B=1, cached decode only): the prompt's first prefix.length tokens are already in
+    prefix.cache (which is copied, never modified). `keep_prompt_cache` returns a copy of the cache
+    right after the prefill, for the next turn of a chat to reuse.
+    """
     # 1) check inputs
     if settings.feature_slice not in FEATURE_SLICES:
         raise ValueError(f"feature_slice must be one of {FEATURE_SLICES}, got {settings.feature_slice!r}")
@@ -217,10 +233,25 @@ def decode(model: WeGenMLLM, rows_ids: list[list[int]], rows_features: list, ima
     generators = generators or [None] * B
     rows = [_Row(prev=ids[-1]) for ids in rows_ids]
 
-    # 2) prefill
+    if (prefix is not None or keep_prompt_cache) and (B != 1 or not settings.use_cache):
+        raise ValueError("prefix reuse needs a single row (B=1) and the KV cache")
+
+    # 2) prefill (only the tokens after a reused prefix)
     embeds, mask, positions = build_prefill(model, rows_ids, rows_features, image_ids, device, dtype)
     cache = new_cache(model.llm) if settings.use_cache else None
-    h = model.forward_hidden(embeds, mask, positions, cache)[:, -1]  # (B, H)
+    if prefix is not None:
+        if not 0 < prefix.length < embeds.shape[1]:
+            raise ValueError(f"prefix of {prefix.length} tokens must be shorter than the prompt ({embeds.shape[1]})")
+        if prefix.cache.get_seq_length() < prefix.length:
+            raise ValueError(f"prefix cache holds {prefix.cache.get_seq_length()} tokens, fewer than {prefix.length}")
+        cache = copy.deepcopy(prefix.cache)
+        extra = cache.get_seq_length() - prefix.length
+        if extra:
+            cache.crop(-extra)  # negative = tokens to drop, on every transformers version
+        h = model.forward_hidden(embeds[:, prefix.length:], mask, positions[:, prefix.length:], cache)[:, -1]
+    else:
+        h = model.forward_hidden(embeds, mask, positions, cache)[:, -1]  # (B, H)
+    prompt_cache = copy.deepcopy(cache) if keep_prompt_cache else None
     next_pos = positions[:, -1] + 1  # (B,)
     for b, row in enumerate(rows):
         if row.prev == image_ids.start:  # prompt ends with <img> (force_image)
@@ -262,6 +293,7 @@ def decode(model: WeGenMLLM, rows_ids: list[list[int]], rows_features: list, ima
             hs = torch.stack(row.hidden)  # (65, H): <img>, <img_0> .. <img_63>
             chosen = hs[1:] if settings.feature_slice == "official" else hs[:-1]
             row.result.features = model.output_resampler(chosen)  # (64, feature_dim)
+    rows[0].result.prompt_cache = prompt_cache
     return [r.result for r in rows]
 
 

@@ -1,0 +1,30 @@
+"""Shared fixtures: one tiny checkpoint per test session (official layout), engines on the CPU.
+
+Stand-in ComfyUI host modules for node tests are installed by tests/host_stubs.py (see there).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> str:
+    """Path of a tiny random-weight checkpoint in the official wegen_mllm_ckpt/ layout (seed 0)."""
+    from wegen.tiny import make_tiny
+
+    return make_tiny(str(tmp_path_factory.mktemp("ckpt") / "tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_ckpt):
+    """The float32 CPU engine on the tiny checkpoint (cached by WeGenEngine.load)."""
+    from wegen.engine import WeGenEngine
+
+    return WeGenEngine.load(tiny_ckpt, dtype="fp32", device="cpu")
