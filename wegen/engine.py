@@ -250,11 +250,12 @@ class WeGenEngine:
             parts.append(self.encode_images(check_images(images)))
         return torch.cat(parts) if parts else None
 
-    def _decode(self, rows_ids, rows_features, settings, seeds, callback):
+    def _decode(self, rows_ids, rows_features, settings, seeds, callback, prefix=None, keep_prompt_cache=False):
+        """mllm.decode under the lock with the MLLM on the device; prefix/keep_prompt_cache: see mllm.decode (B=1)."""
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         with self.lock, torch.inference_mode(), self._using(self.mllm):
             return mllm.decode(self.mllm, rows_ids, rows_features, self.image_ids, settings, self.tokenizer.eos_id,
-                               generators, callback)
+                               generators, callback, prefix=prefix, keep_prompt_cache=keep_prompt_cache)
 
     def _reply_text(self, ids: list[int]) -> str:
         """Generated ids -> text without the image block (release: regex strips every <...> tag)."""

@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import shutil
+import struct
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -159,7 +160,7 @@ def load_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
 
     try:
-        return load_file(path, device="cpu")
+        return {k: v for k, v in load_file(path, device="cpu").items() if not k.startswith(PAD_PREFIX)}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({e})") from e
 
@@ -348,10 +349,38 @@ def build_scheduler(scheduler_config: dict):
 
 # Converting --------------------------------------------------------------------------------------
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+PAD_PREFIX = "__pad"
+
+
+def save_aligned_safetensors(tensors: dict, path: str, align: int = 64):
+    """A safetensors file whose tensors start on `align`-byte boundaries of the mmap.
+
+    CPU kernels may round differently for unaligned weights, so the converted layout pads
+    (with `__pad*` uint8 tensors) to load bit-identical to the official pickles.
+    """
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for i, name in enumerate(sorted(tensors)):
+        t = tensors[name].detach().contiguous().cpu()
+        pad = (-offset) % align
+        if pad:
+            header[f"{PAD_PREFIX}{i}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
+            chunks.append(bytes(pad))
+            offset += pad
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-(8 + len(blob))) % align)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for chunk in chunks:
+            f.write(chunk)
+
 def convert(src: str, dst: str) -> str:
     """Official layout -> converted layout (wegen_config.json + safetensors). Returns dst."""
-    from safetensors.torch import save_file
-
     parts = load_parts(src)
     if parts.report.layout != "official":
         raise CheckpointError(f"{src} is already in the converted layout")
@@ -364,7 +393,7 @@ def convert(src: str, dst: str) -> str:
         shutil.copy2(os.path.join(parts.tokenizer_dir, name), os.path.join(dst, "tokenizer", name))
     states = (parts.eva_state, parts.mllm_state, parts.unet_state, parts.vae_state)
     for name, state in zip(CONVERTED_FILES, states):
-        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(dst, name))
+        save_aligned_safetensors(state, os.path.join(dst, name))
     config = {"format": "wegen-converted", "version": 1,
               "constants": {"n_query_tokens": parts.mllm_cfg.n_query, "n_gen_tokens": parts.mllm_cfg.n_gen_tokens,
                             "eva_head_width": parts.eva_cfg.head_width, "image_size": parts.eva_cfg.image_size},

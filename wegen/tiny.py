@@ -7,10 +7,10 @@ Its images are noise: it proves the machinery; real weights make real pictures.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
-import tempfile
 
 import torch
 
@@ -66,17 +66,14 @@ def train_tokenizer(folder: str, seed: int):
     import sentencepiece as spm
 
     os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = os.path.join(tmp, "corpus.txt")
-        with open(corpus, "w", encoding="utf-8") as f:
-            f.write("\n".join(_corpus(seed)))
-        spm.SentencePieceTrainer.train(
-            input=corpus, model_prefix=os.path.join(tmp, "tok"), vocab_size=SP_VOCAB, model_type="bpe",
-            byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-            split_digits=True, num_threads=1, minloglevel=2, shuffle_input_sentence=False)
-        with open(os.path.join(tmp, "tok.model"), "rb") as src, open(os.path.join(folder, "tokenizer.model"), "wb") as dst:
-            dst.write(src.read())
+    model = io.BytesIO()  # in memory: no temp path ends up inside the model's trainer spec
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus(seed)), model_writer=model, vocab_size=SP_VOCAB, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        split_digits=True, num_threads=1, minloglevel=2, shuffle_input_sentence=False)
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
     added = {tok: SP_VOCAB + i for i, tok in enumerate(seedx_added_tokens())}
     _write_json(os.path.join(folder, "added_tokens.json"), added)
     _write_json(os.path.join(folder, "special_tokens_map.json"),
