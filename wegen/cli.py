@@ -11,6 +11,7 @@ import os
 import sys
 
 DEFAULT_TINY = os.path.join("models", "wegen", "tiny")
+DEFAULT_SESSIONS = os.path.join("output", "wegen", "sessions")  # ComfyUI keeps them in <output>/wegen/sessions
 
 
 class UsageError(ValueError):
@@ -83,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     _add_decode_args(p)
     p.add_argument("--out", required=True)
+
+    p = sub.add_parser("chat", help="one turn of a chat session kept on disk (resumes across invocations)")
+    _add_engine_args(p)
+    p.add_argument("--session", required=True, help="session name: a folder inside --sessions-dir")
+    p.add_argument("--sessions-dir", default=DEFAULT_SESSIONS, help=f"default: {DEFAULT_SESSIONS}")
+    p.add_argument("--image", action="append", default=[], help="input image for this turn (repeatable)")
+    p.add_argument("message")
+    _add_decode_args(p)
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="decoder start from the previous image: 1 = pure noise (official), lower keeps more")
+    p.add_argument("--mask", default=None, help="edit mask image (white = edit); outside it the previous image stays")
+    p.add_argument("--feather", type=int, default=16, help="mask edge blend in pixels")
+    p.add_argument("--reference", default="auto", choices=["auto", "previous", "none"],
+                   help="decoder reference: auto = the previous image when --strength < 1 or --mask")
+    p.add_argument("--history-features", default="stored", choices=["stored", "eva"],
+                   help="past images re-enter from their stored 64 features, or re-encoded with EVA")
+    p.add_argument("--reset", action="store_true", help="drop the session's earlier turns first")
+    p.add_argument("--transcript", default=None, help="also write an HTML transcript of the session here")
+    p.add_argument("--out", required=True, help="output PNG path")
+
+    _add_psr_parsers(sub)
 
     p = sub.add_parser("demo", help="tiny checkpoint (built if missing) -> output/demo/ with index.html")
     p.add_argument("--checkpoint", default=DEFAULT_TINY)
@@ -195,11 +217,215 @@ def cmd_reconstruct(args):
     print(json.dumps({"out": args.out}))
 
 
+def cmd_chat(args):
+    from . import chat
+    from .decoder import check_decode_args, check_size
+    from .images import check_writable, load_image, save_png
+
+    chat.check_session_name(args.session)
+    check_writable(args.out)
+    check_decode_args(args.steps, args.cfg, args.strength)
+    if args.size:
+        check_size(*args.size)
+    images = _load_images(args.image, load_image)
+    mask = load_image(args.mask)[0].mean(-1) if args.mask else None  # (H, W) 0..1
+    engine = _engine(args)
+    if args.reset:
+        chat.reset_session(args.sessions_dir, args.session)
+    width, height = args.size or (None, None)
+    result = chat.chat_turn(engine, args.sessions_dir, args.session, args.message, images, seed=args.seed,
+                            steps=args.steps, cfg=args.cfg, width=width, height=height,
+                            reference=None if args.reference == "none" else args.reference, mask=mask,
+                            strength=args.strength, feather=args.feather, history_features=args.history_features)
+    save_png(result.image[0], args.out, {"message": args.message, "seed": args.seed, "reply": result.reply})
+    if args.transcript:
+        chat.write_transcript(result.session, check_writable(args.transcript))
+    print(json.dumps({"out": args.out, "reply": result.reply, "session": args.session,
+                      "turn": len(result.session.turns), **result.record.stats}))
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
     print(run_demo(args.checkpoint, args.out))
 
 
+# Prompt Self-Rewriting, diversity sweeps, remote queue (extensions) ---------------------------------
+
+def _add_psr_parsers(sub):
+    p = sub.add_parser("rewrite", help="prompt -> K self-rewrites by the MLLM, one JSON line each (extension)")
+    _add_engine_args(p)
+    p.add_argument("--prompt", required=True)
+    _add_rewrite_args(p, n_required=True)
+    p.add_argument("--seed", type=int, default=42, help="rewrite i samples with seed + i")
+
+    p = sub.add_parser("sweep", help="prompt -> K self-rewrites x seeds -> PNGs, contact sheet, sweep.json "
+                                     "(extension)")
+    _add_engine_args(p, checkpoint_required=False)
+    p.add_argument("--prompt")
+    _add_rewrite_args(p, n_required=False)
+    p.add_argument("--seeds", default="4", help="a count N (image seeds SEED .. SEED+N-1) or a comma list of "
+                                                "seeds (7,42,1000; '42,' = one seed); default 4")
+    _add_decode_args(p)
+    p.add_argument("--memory-budget", type=int, default=4096, help="MiB that bound the batch sizes (default 4096)")
+    p.add_argument("--max-batch", type=int, default=16, help="largest batch whatever the budget")
+    p.add_argument("--out", help="output folder (a PNG path with --replay)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep.json in --out, skipping finished batches")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster (ADDRESS: auto, HOST:6379, ray://HOST:10001) or, without ADDRESS, "
+                        "a local Ray instance; needs the optional ray package")
+    p.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per GPU, else 1)")
+    p.add_argument("--replay", metavar="SWEEP_JSON", help="make image --index of that sweep again (to --out FILE.png)")
+    p.add_argument("--index", type=int, default=0, help="item of the sweep for --replay")
+
+    p = sub.add_parser("queue", help="batch-queue a workflow on running ComfyUI servers, round-robin (extension)")
+    p.add_argument("workflow", help="workflow JSON, UI or API format")
+    p.add_argument("--server", action="append", required=True, help="ComfyUI URL (repeatable)")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="NODE.INPUT=v1,v2,...",
+                   help="values to sweep (NODE: id or title); several --set give their cartesian product")
+    p.add_argument("--out", default=os.path.join("output", "queue"), help="downloads + queue_state.json")
+    p.add_argument("--max-pending", type=int, default=2, help="jobs queued on each server at a time")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for one job")
+    p.add_argument("--poll", type=float, default=0.5, help="seconds between history checks")
+
+
+def _add_rewrite_args(p, n_required: bool):
+    p.add_argument("-n", type=int, required=n_required, default=None, help="K, how many prompts")
+    p.add_argument("--temperature", type=float, default=0.9, help="rewrite sampling temperature (> 0 for K > 1)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=96, help="token cap of one rewrite")
+    p.add_argument("--max-chars", type=int, default=400, help="character cap of one rewrite")
+    p.add_argument("--keep-original", action="store_true", help="the prompt itself is the first of the K")
+    p.add_argument("--template", default=None, help="rewrite instruction with {prompt} (or @FILE); default: "
+                                                     "wegen.rewrite.DEFAULT_TEMPLATE")
+    p.add_argument("--max-rounds", type=int, default=4, help="batched decodes allowed, re-sampling included")
+
+
+def _rewrite_kwargs(args) -> dict:
+    """Checked rewrite settings (before any model is loaded)."""
+    from .rewrite import DEFAULT_TEMPLATE, check_rewrite_inputs
+
+    template = args.template or DEFAULT_TEMPLATE
+    if template.startswith("@"):
+        try:
+            with open(template[1:], encoding="utf-8") as f:
+                template = f.read()
+        except OSError as e:
+            raise ValueError(f"--template {template}: cannot read the file ({e.strerror or e})") from e
+    kw = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+              max_chars=args.max_chars, keep_original=args.keep_original, template=template,
+              max_rounds=args.max_rounds)
+    check_rewrite_inputs(args.prompt, args.n, args.seed, args.temperature, args.top_p, args.max_new_tokens,
+                         args.max_chars, template, args.max_rounds, args.keep_original)
+    return kw
+
+
+def cmd_rewrite(args):
+    from .rewrite import rewrite_prompt
+
+    kw = _rewrite_kwargs(args)
+    result = rewrite_prompt(_engine(args), args.prompt, args.n, seed=args.seed, **kw)
+    for record in result.records():
+        print(json.dumps(record, ensure_ascii=False))
+
+
+def cmd_sweep(args):
+    from . import sweep as sw
+
+    if args.replay:
+        return _replay(args)
+    if not args.checkpoint or not args.prompt or args.n is None or not args.out:
+        raise ValueError("sweep needs --checkpoint DIR, --prompt TEXT, -n K and --out DIR (or --replay SWEEP_JSON)")
+    kw = _rewrite_kwargs(args)
+    seeds = sw.parse_seeds(args.seeds, args.seed)
+    width, height = args.size or (None, None)
+    settings = sw.SweepSettings(steps=args.steps, cfg=args.cfg, width=width, height=height,
+                                memory_budget_mb=args.memory_budget, max_batch=args.max_batch)
+    sw.check_sweep_inputs(["-"] * args.n, seeds, settings)
+    if os.path.exists(os.path.join(args.out, sw.MANIFEST)) and not args.resume:
+        raise ValueError(f"{args.out} already holds a {sw.MANIFEST}; add --resume to continue it, or use another --out")
+    executor = _sweep_executor(args)
+    try:
+        prompts, rewrite = _sweep_prompts(args, executor, kw)
+        result = sw.run_sweep(executor, prompts, seeds, settings, out_dir=args.out, resume=args.resume,
+                              rewrite=rewrite)
+    finally:
+        if hasattr(executor, "close"):
+            executor.close()
+    print(json.dumps({"out": args.out, "manifest": os.path.join(args.out, sw.MANIFEST),
+                      "contact_sheet": os.path.join(args.out, sw.SHEET), "images": len(result.prompts),
+                      "prompts": len(prompts), "seeds": seeds, "diversity": result.diversity}, ensure_ascii=False))
+
+
+def _sweep_executor(args):
+    if args.ray is None:
+        from .sweep import LocalExecutor
+
+        return LocalExecutor(_engine(args))
+    try:
+        from .ray_sweep import RayExecutor
+
+        return RayExecutor(args.checkpoint, args.ray or None, dtype=args.dtype, device=args.device,
+                           workers=args.ray_workers)
+    except ImportError as e:
+        raise ValueError(str(e)) from e
+
+
+def _sweep_prompts(args, executor, kw):
+    """The K prompts: reused from sweep.json when resuming the same rewrite, else rewritten now."""
+    from .sweep import MANIFEST, load_manifest
+
+    path = os.path.join(args.out, MANIFEST)
+    if args.resume and os.path.isfile(path):
+        old = load_manifest(path).get("rewrite") or {}
+        same = {k: old.get(k) for k in ("source", "n", "seed", *kw)}
+        if same == {"source": " ".join(args.prompt.split()), "n": args.n, "seed": args.seed, **kw}:
+            return load_manifest(path)["prompts"], old
+    result = executor.rewrite(args.prompt, args.n, seed=args.seed, **kw)
+    return result.prompts, {"source": result.source, **result.settings, "seeds": result.seeds,
+                            "rounds": result.rounds}
+
+
+def _replay(args):
+    import torch
+
+    from .engine import WeGenEngine
+    from .images import check_writable, save_png
+    from .sweep import load_manifest, reproduce
+
+    manifest = load_manifest(args.replay)
+    if not args.out:
+        raise ValueError("--replay needs --out FILE.png")
+    check_writable(args.out)
+    eng = manifest["engine"]
+    device = args.device or eng["device"]
+    if device.startswith("cpu") and eng.get("threads"):
+        torch.set_num_threads(int(eng["threads"]))  # CPU float reductions depend on the thread count
+    engine = WeGenEngine.load(args.checkpoint or eng["checkpoint"],
+                              dtype=eng["dtype"] if args.dtype == "auto" else args.dtype, device=device)
+    image = reproduce(engine, manifest, args.index)
+    item = manifest["items"][args.index]
+    save_png(image[0], args.out, {"prompt": item["prompt"], "seed": item["seed"], "sweep_index": args.index})
+    print(json.dumps({"out": args.out, "index": args.index, "prompt": item["prompt"], "seed": item["seed"]},
+                     ensure_ascii=False))
+
+
+def cmd_queue(args):
+    from .remote import run_queue
+
+    summary = run_queue(args.workflow, args.server, args.sets, args.out, max_pending=args.max_pending,
+                        timeout=args.timeout, poll=args.poll, report=_print_job)
+    print(json.dumps({"summary": True, **{k: v for k, v in summary.items() if k != "errors"}}))
+    if summary["failed"]:
+        print(f"error: {summary['failed']} of {summary['jobs']} jobs failed: {summary['errors'][0]}", file=sys.stderr)
+        return 1
+
+
+def _print_job(record):
+    keys = ("index", "status", "server", "prompt_id", "overrides", "files", "error", "skipped")
+    print(json.dumps({k: record[k] for k in keys if record.get(k) is not None}, ensure_ascii=False), flush=True)
+
+
 COMMANDS = {"make-tiny": cmd_make_tiny, "convert": cmd_convert, "generate": cmd_generate,
-            "understand": cmd_understand, "reconstruct": cmd_reconstruct, "demo": cmd_demo}
+            "understand": cmd_understand, "reconstruct": cmd_reconstruct, "chat": cmd_chat, "demo": cmd_demo}
+COMMANDS.update({"rewrite": cmd_rewrite, "sweep": cmd_sweep, "queue": cmd_queue})

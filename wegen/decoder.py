@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import fastpath
+
 MAX_SIDE = 4096
 
 
@@ -109,8 +111,11 @@ def initial_noise(seeds: list[int], shape: tuple) -> torch.Tensor:
 def generate(unet, vae, scheduler, cfg: DecoderConfig, features: torch.Tensor, seeds: list[int], *,
              steps: int = 50, guidance_scale: float = 2.0, width: int = 1024, height: int = 1024,
              reference: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
-             feather: int = 16, callback=None) -> torch.Tensor:
+             feather: int = 16, callback=None, output: str = "images") -> torch.Tensor:
     """(B, 64, C) features -> (B, H, W, 3) float32 images in 0..1 on the CPU.
+
+    output="latents" stops before the VAE and returns the (B, 4, h, w) float32 latents on the UNet's
+    device (the bench times the denoising loop alone).
 
     Official path: reference=None, strength=1. Extension (consistency): `reference` (B, H, W, 3)
     starts the latents from the reference at `strength`; `mask` (B, H, W), 1 = edit, keeps latents
@@ -119,6 +124,8 @@ def generate(unet, vae, scheduler, cfg: DecoderConfig, features: torch.Tensor, s
     """
     # 1) check inputs
     check_size(width, height)
+    if output not in ("images", "latents"):
+        raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     check_decode_args(steps, guidance_scale, strength)
     B = features.shape[0]
     if len(seeds) != B:
@@ -172,13 +179,14 @@ def generate(unet, vae, scheduler, cfg: DecoderConfig, features: torch.Tensor, s
         x = noise * init_noise_sigma(sigmas, spacing)
     x = x.float()
 
-    # 5) denoising loop
+    # 5) denoising loop (fastpath: the UNet call is a replayed CUDA graph on GPUs, else the plain call)
+    denoise = fastpath.unet_runner(unet, ctx, added)
     for i, t in enumerate(timesteps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x_in = scale_model_input(x, sigma).to(dtype)
         if do_cfg:
             x_in = torch.cat([x_in, x_in])
-        eps = unet(x_in, t.to(device), encoder_hidden_states=ctx, added_cond_kwargs=added).sample.float()
+        eps = denoise(x_in, t).float().contiguous()  # contiguous: a channels-last UNet returns NHWC strides
         if do_cfg:
             eps = cfg_mix(*eps.chunk(2), guidance_scale)
         x = euler_step(x, eps, sigma, sigma_next)
@@ -188,6 +196,8 @@ def generate(unet, vae, scheduler, cfg: DecoderConfig, features: torch.Tensor, s
             callback({"stage": "denoise", "i": i + 1, "total": len(timesteps), "x": x})
 
     # 6) VAE decode (+ paste-back outside the mask)
+    if output == "latents":
+        return x
     images = decode_latents(vae, cfg, x)
     if weight is not None:
         images = paste_back(images, reference, weight)

@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import decoder, loading, mllm, prompting, vision
+from . import decoder, fastpath, loading, mllm, prompting, vision
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-OFFLOAD_POLICIES = ("none", "idle")  # idle: modules go back to the CPU after each phase
+# none: everything on the device. idle: each stage's modules go back to the CPU after it runs.
+# phase: only the running stage's modules stay on the device (the others move to the CPU when it
+# starts), so a turn needs max(LLM, UNet + VAE) of GPU memory. spread: the LLM is spread over every
+# visible GPU with accelerate's device_map, the rest on `device`. phase and spread are extensions.
+OFFLOAD_POLICIES = ("none", "idle", "phase", "spread")
+RESIDENT_POLICIES = ("none", "spread")  # modules are placed once, at load
 _ENGINES: dict = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -72,6 +77,8 @@ class WeGenEngine:
         if offload not in OFFLOAD_POLICIES:
             raise ValueError(f"offload must be one of {OFFLOAD_POLICIES}, got {offload!r}")
         self.device = torch.device(device)
+        if offload == "spread" and self.device.type != "cuda":
+            raise ValueError(f"offload='spread' spreads the LLM over CUDA GPUs; device is {device!r}")
         self.dtype = resolve_dtype(dtype, self.device)
         self.offload = offload
         self.parts = parts
@@ -83,16 +90,19 @@ class WeGenEngine:
             raise loading.CheckpointError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM embeds {parts.llama_config['vocab_size']}")
         rep = parts.report
-        self.mllm = loading.build_mllm(self.mllm_cfg, parts.llama_config, parts.mllm_state, rep).to(self.dtype)
+        self.mllm = _cast(loading.build_mllm(self.mllm_cfg, parts.llama_config, parts.mllm_state, rep), self.dtype)
         self.unet = _cast(loading.build_unet(parts.unet_config, parts.unet_state, rep), self.dtype)
         vae_dtype = torch.float32 if (self.decoder_cfg.force_upcast and self.dtype == torch.float16) else self.dtype
         self.vae = _cast(loading.build_vae(parts.vae_config, parts.vae_state, rep), vae_dtype)
         self.scheduler = loading.build_scheduler(parts.scheduler_config)
         self._eva = None  # built on first use: only image inputs need it
         self.lock = threading.RLock()
+        fastpath.prepare_decoder_modules(self.unet, self.vae)
         for m in (self.mllm, self.unet, self.vae):
             m.eval().requires_grad_(False)
-            if offload == "none":
+            if offload == "spread" and m is self.mllm:
+                self.mllm = fastpath.spread_module(m)
+            elif offload in RESIDENT_POLICIES and not _all_on(m, self.device):
                 m.to(self.device)
         parts.mllm_state = parts.unet_state = parts.vae_state = None
         log.info("WeGen loaded %s (%s layout): %s on %s, offload=%s, attention=sdpa; ignored %d keys, "
@@ -118,23 +128,52 @@ class WeGenEngine:
         if self._eva is None:
             eva = loading.build_eva(self.eva_cfg, self.parts.eva_state, self.report).to(self.dtype)
             self._eva = eva.eval().requires_grad_(False)
-            if self.offload == "none":
+            if self.offload in RESIDENT_POLICIES:
                 self._eva.to(self.device)
             self.parts.eva_state = None
         return self._eva
 
     @contextlib.contextmanager
     def _using(self, *modules):
-        """Modules on the compute device for one phase; back to the CPU afterwards when offload='idle'."""
-        if self.offload == "idle":
+        """Modules on the compute device for one stage: offload='idle' moves them back to the CPU afterwards,
+        offload='phase' first moves every other stage's modules to the CPU and leaves these in place."""
+        if self.offload == "phase":
+            self._evict(keep=modules)
+        if self.offload in ("idle", "phase"):
             for m in modules:
                 m.to(self.device)
         try:
             yield
         finally:
             if self.offload == "idle":
-                for m in modules:
-                    m.to("cpu")
+                self._evict(keep=())
+
+    def _evict(self, keep):
+        """Move every built module except `keep` off the compute device (dropping fast-path graphs of them)."""
+        moved = False
+        for m in (self.mllm, self.unet, self.vae, self._eva):
+            if m is None or any(m is k for k in keep) or _device_of(m).type == "cpu":
+                continue
+            fastpath.release(m)
+            m.to("cpu")
+            moved = True
+        if moved and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def set_offload(self, offload: str):
+        """Switch a loaded engine between 'none', 'idle' and 'phase' (modules move now; the bench uses it)."""
+        allowed = tuple(p for p in OFFLOAD_POLICIES if p != "spread")
+        if offload not in allowed or self.offload == "spread":
+            raise ValueError(f"set_offload switches between {allowed} (a spread engine stays spread), got {offload!r} "
+                             f"on an engine loaded with offload={self.offload!r}")
+        with self.lock:
+            self.offload = offload
+            if offload == "none":
+                for m in (self.mllm, self.unet, self.vae, self._eva):
+                    if m is not None:
+                        m.to(self.device)
+            else:
+                self._evict(keep=())
 
     # Stages --------------------------------------------------------------------------------------
 
@@ -263,8 +302,21 @@ class WeGenEngine:
         return prompting.clean_reply(self.tokenizer.decode([i for i in ids if i not in image_like]))
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _all_on(module: torch.nn.Module, device: torch.device) -> bool:
+    """Every parameter and buffer already on the CPU `device` (a walk of .to() would change nothing)."""
+    return device.type == "cpu" and all(t.device.type == "cpu" for t in (*module.parameters(), *module.buffers()))
+
+
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """nn.Module.to(dtype), skipping diffusers' keep-in-fp32 warning (these UNet/VAE keep none)."""
+    """nn.Module.to(dtype), skipping diffusers' keep-in-fp32 warning (these UNet/VAE keep none); no walk when
+    every floating tensor already has that dtype."""
+    tensors = (*module.parameters(), *module.buffers())
+    if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
+        return module
     return torch.nn.Module.to(module, dtype)
 
 

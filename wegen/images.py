@@ -51,3 +51,67 @@ def check_writable(path: str, is_dir: bool = False) -> str:
     if not os.access(folder, os.W_OK) or (not is_dir and os.path.isdir(path)):
         raise ValueError(f"output path {path} cannot be written (folder {folder} is not writable, or the path is a folder)")
     return path
+
+
+def contact_sheet(images: torch.Tensor, captions: list[str], columns: int, thumb: int = 256, min_cell: int = 192,
+                  caption_lines: int = 4, font_size: int = 12) -> torch.Tensor:
+    """(N, H, W, 3) + one caption each -> (1, H', W', 3) grid, `columns` wide, each caption under its image.
+
+    Images are scaled to fit `thumb` px (never up), centred in cells at least `min_cell` px wide; captions
+    are word-wrapped to the cell and cut to `caption_lines` lines with an ellipsis.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if images.ndim != 4 or images.shape[0] != len(captions) or images.shape[0] == 0:
+        raise ValueError(f"contact_sheet needs N >= 1 images (N, H, W, 3) and N captions, got "
+                         f"{tuple(images.shape)} and {len(captions)} captions")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    n, h, w = images.shape[:3]
+    scale = min(1.0, thumb / max(h, w))
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    font = ImageFont.load_default(size=font_size)
+    line_h = font_size + 3
+    pad = 6
+    cell_w = max(tw, min_cell) + 2 * pad
+    cell_h = th + 2 * pad + caption_lines * line_h
+    rows = (n + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        x0, y0 = (i % columns) * cell_w, (i // columns) * cell_h
+        tile = to_pil(images[i])
+        if (tw, th) != (w, h):
+            tile = tile.resize((tw, th), Image.Resampling.LANCZOS)
+        sheet.paste(tile, (x0 + (cell_w - tw) // 2, y0 + pad))
+        for k, line in enumerate(_wrap(draw, captions[i], font, cell_w - 2 * pad, caption_lines)):
+            draw.text((x0 + pad, y0 + 2 * pad + th + k * line_h), line, fill=(230, 230, 230), font=font)
+    rgb = np.asarray(sheet, dtype=np.float32) / 255.0
+    return torch.from_numpy(rgb)[None]
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to `width` px; long words are broken; the last kept line ends with an ellipsis if cut."""
+    lines, line = [], ""
+    for word in " ".join(str(text).split()).split(" "):
+        candidate = f"{line} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while draw.textlength(word, font=font) > width and len(word) > 1:
+            cut = len(word)
+            while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and draw.textlength(last + "...", font=font) > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last + "..."]
+    return lines

@@ -257,22 +257,27 @@ def decode(model: WeGenMLLM, rows_ids: list[list[int]], rows_features: list, ima
         if row.prev == image_ids.start:  # prompt ends with <img> (force_image)
             _enter_image(model, row, h[b], settings)
 
-    # 3) one token per step
+    # 3) one token per step (the MLLM's main stream runs through fastpath's static cache on CUDA)
     step = 0
     image_steps = image_ids.n + 1
     total = image_steps if all(r.hidden for r in rows) else settings.max_new_tokens + image_steps
+    runner = None
+    if cache is not None and settings.stop_after_image:  # bounded length: a static cache can hold it
+        from . import fastpath
+
+        runner = fastpath.decode_runner(model, cache, mask, next_pos, max_steps=total)
     while not all(r.done for r in rows):
-        logits = model.logits(h)  # (B, V)
-        step_embeds = []
-        for b, row in enumerate(rows):
-            step_embeds.append(_advance_row(model, row, h[b], logits[b], image_ids, settings, eos_id, generators[b]))
+        x = _next_embeddings(model, rows, h, image_ids, settings, eos_id, generators)  # (B, H)
         if all(r.done for r in rows):
             break
-        x = torch.stack(step_embeds)[:, None]  # (B, 1, H)
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-        if cache is not None:
+        x = x[:, None]  # (B, 1, H)
+        if runner is not None:
+            h = runner.step(x)
+        elif cache is not None:
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
             h = model.forward_hidden(x, mask, next_pos[:, None], cache)[:, -1]
         else:  # reference path: recompute the whole sequence
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
             embeds = torch.cat([embeds, x], dim=1)
             positions = torch.cat([positions, next_pos[:, None]], dim=1)
             h = model.forward_hidden(embeds, mask, positions, None)[:, -1]
@@ -330,28 +335,58 @@ def _uncond_forward(model, row: _Row, emb):
     return h
 
 
-def _advance_row(model, row: _Row, h, logits, image_ids, settings, eos_id, generator):
-    """Choose row's next token from (V,) logits; return the (H,) embedding to feed next."""
-    if row.done:
-        return torch.zeros_like(h)
-    forced = forced_next(row.prev, image_ids)
-    if forced is not None:
-        token = forced
-    else:
-        token = sample_next_token(mask_image_ids(logits, image_ids, settings.allow_image), generator,
-                                  settings.temperature, settings.top_p)
-        row.n_text += 1
-    row.result.ids.append(token)
-    row.prev = token
-    if token == eos_id or (forced is None and token != image_ids.start and row.n_text >= settings.max_new_tokens):
-        row.done = True
-    if token == image_ids.end and settings.stop_after_image:
-        row.done = True
-    if token in image_ids.slots:
-        if row.uncond_h is not None:  # var-cfg: h = u + s * (c - u); features keep the raw c
-            h = row.uncond_h + settings.var_cfg_scale * (h - row.uncond_h)
-        emb = model.feedback_embedding(h)
-        if row.uncond_h is not None:
-            row.uncond_h = _uncond_forward(model, row, emb[None, None])
-        return emb
-    return model.embed_tokens(torch.tensor(token, device=h.device))
+def _next_embeddings(model, rows: list[_Row], h, image_ids, settings, eos_id, generators) -> torch.Tensor:
+    """Choose every row's next token; return the (B, H) embeddings to feed (zeros for finished rows).
+
+    Logits are computed only when some row is in text mode (a forced token needs none); greedy rows
+    share one argmax and one device-to-host copy; the VAR feed-back runs once for all slot rows.
+    """
+    forced = [None if r.done else forced_next(r.prev, image_ids) for r in rows]
+    free = [b for b, r in enumerate(rows) if not r.done and forced[b] is None]
+    chosen = _pick_tokens(model, h, free, image_ids, settings, generators) if free else {}
+    feed, embed = {}, {}  # row -> h to feed back (slot tokens), row -> token id (everything else)
+    for b, row in enumerate(rows):
+        if row.done:
+            continue
+        token = forced[b] if forced[b] is not None else chosen[b]
+        if forced[b] is None:
+            row.n_text += 1
+        row.result.ids.append(token)
+        row.prev = token
+        if token == eos_id or (forced[b] is None and token != image_ids.start and row.n_text >= settings.max_new_tokens):
+            row.done = True
+        if token == image_ids.end and settings.stop_after_image:
+            row.done = True
+        if token in image_ids.slots:
+            # var-cfg: h = u + s * (c - u); the features keep the raw c
+            feed[b] = h[b] if row.uncond_h is None else row.uncond_h + settings.var_cfg_scale * (h[b] - row.uncond_h)
+        else:
+            embed[b] = token
+    return _assemble_embeddings(model, rows, h, feed, embed)
+
+
+def _pick_tokens(model, h, free: list[int], image_ids, settings, generators) -> dict:
+    """Token ids of the text-mode rows `free` from the release's masked logits (one transfer for all)."""
+    logits = mask_image_ids(model.logits(h), image_ids, settings.allow_image)  # (B, V) float32
+    if settings.temperature <= 0:
+        return dict(zip(free, logits[free].argmax(-1).tolist()))
+    cpu = logits[free].cpu()
+    return {b: sample_next_token(cpu[i], generators[b], settings.temperature, settings.top_p)
+            for i, b in enumerate(free)}
+
+
+def _assemble_embeddings(model, rows, h, feed: dict, embed: dict) -> torch.Tensor:
+    """(B, H): in_proj(out_proj(h)) for slot rows, token embeddings for the others, zeros for finished rows."""
+    weight = model.llm.model.embed_tokens.weight
+    out = [torch.zeros(h.shape[-1], device=weight.device, dtype=h.dtype)] * len(rows)
+    if feed:
+        fed = model.feedback_embedding(torch.stack(list(feed.values())))  # (n, H)
+        for i, b in enumerate(feed):
+            out[b] = fed[i].to(weight.device)
+            if rows[b].uncond_h is not None:
+                rows[b].uncond_h = _uncond_forward(model, rows[b], fed[i][None, None])
+    if embed:
+        ids = torch.tensor(list(embed.values()), device=weight.device)
+        for b, e in zip(embed, model.embed_tokens(ids)):
+            out[b] = e
+    return torch.stack(out)

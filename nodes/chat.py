@@ -1,0 +1,241 @@
+"""WeGen Chat Memory (session name -> WEGEN_CHAT) and WeGen Chat Turn (one turn of the chat: message +
+images -> image + reply + updated chat), plus the /wegen/chat/* routes the chat panel (js/chat_panel.js)
+reads. Sessions live in <ComfyUI output>/wegen/sessions/<name>/ (wegen.chat: JSON + PNG, atomic
+writes, one lock per session). Chat memory and the decoder-side consistency options are extensions.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+from . import convert, host
+
+ACTIONS = ("continue", "reset", "undo last turn")
+HISTORY_FEATURES = ("stored", "eva")
+
+
+def sessions_root() -> str:
+    """<output directory>/wegen/sessions (ComfyUI's output folder; ./output without ComfyUI)."""
+    return os.path.abspath(os.path.join(host.output_directory(), "wegen", "sessions"))
+
+
+@dataclass(frozen=True)
+class ChatRef:
+    """What a WEGEN_CHAT link carries: a session and the turns it held when this value was made (immutable)."""
+
+    root: str
+    name: str
+    turn_ids: tuple = ()
+    revision: int = 0
+
+    def __str__(self):
+        return f"WeGen chat {self.name!r} ({len(self.turn_ids)} turns)"
+
+
+def chat_in(chat) -> ChatRef:
+    if not isinstance(chat, ChatRef):
+        raise ValueError(f"chat must be a WEGEN_CHAT from WeGen Chat Memory or WeGen Chat Turn, got "
+                         f"{type(chat).__name__}")
+    return chat
+
+
+def _ref(session) -> ChatRef:
+    return ChatRef(session.root, session.name, session.turn_ids, session.revision)
+
+
+class WeGenChatMemory:
+    TITLE = "WeGen Chat Memory"
+    CATEGORY = "WeGen/chat"
+    DESCRIPTION = ("Extension (chat memory): opens a chat session kept on disk in <output>/wegen/sessions/<name>/ "
+                   "(JSON + PNG; it survives restarts). Connect it to WeGen Chat Turn. Each run reads the session "
+                   "as it is on disk (the node re-runs whenever the session changed). 'reset' drops every turn "
+                   "and 'undo last turn' removes the latest one, each time this node runs.")
+    RETURN_TYPES = ("WEGEN_CHAT",)
+    RETURN_NAMES = ("chat",)
+    OUTPUT_TOOLTIPS = ("The session's current turns, for WeGen Chat Turn.",)
+    FUNCTION = "open"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "session_name": ("STRING", {"default": "chat", "tooltip": "Extension: the session's folder name under "
+                                        "<output>/wegen/sessions/ (letters, digits, _ . -)."}),
+            "action": (list(ACTIONS), {"default": "continue", "tooltip": "Extension: continue = keep the turns; "
+                                       "reset = start the session over on every run; undo last turn = remove the "
+                                       "latest turn on every run (with one Chat Turn after it: redo that turn)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, session_name="chat", action="continue"):
+        chat = host.wegen("chat")
+        try:
+            return f"{session_name}:{chat.session_revision(sessions_root(), session_name)}:{action}"
+        except ValueError:
+            return float("nan")  # re-run: the node raises the clear error
+
+    def open(self, session_name, action="continue"):
+        chat = host.wegen("chat")
+        root = sessions_root()
+        chat.check_session_name(session_name)
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {list(ACTIONS)}, got {action!r}")
+        if action == "reset":
+            return (_ref(chat.reset_session(root, session_name)),)
+        if action == "undo last turn":
+            return (_ref(chat.undo_turn(root, session_name)),)
+        return (_ref(chat.load_session(root, session_name)),)
+
+
+class WeGenChatTurn:
+    TITLE = "WeGen Chat Turn"
+    CATEGORY = "WeGen/chat"
+    DESCRIPTION = ("Extension (chat memory): one turn of a chat. The prompt holds every earlier turn of the session "
+                   "(SEED-X's multi-turn template; past images re-enter as image blocks from their stored "
+                   "features) plus this message and its images; the turn is saved to the session only when it "
+                   "succeeds. Consistency options (extension): strength < 1 starts the decoder from the previous "
+                   "image; a mask (1 = change) keeps every pixel outside it exactly as in the previous image. "
+                   "Chain several Chat Turns to refine step by step.")
+    RETURN_TYPES = ("IMAGE", "STRING", "WEGEN_CHAT")
+    RETURN_NAMES = ("image", "reply", "chat")
+    OUTPUT_TOOLTIPS = ("The generated image, float (1, H, W, 3) in 0..1.",
+                       "The model's reply text (empty when the image starts right away, the default).",
+                       "The chat with this turn appended, for the next Chat Turn.")
+    FUNCTION = "turn"
+    OUTPUT_NODE = True  # saving the turn to the session is its job, even with nothing connected
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        size = {"default": 1024, "min": 64, "max": 4096, "step": 8}
+        return {
+            "required": {
+                "model": ("WEGEN_MODEL", {"tooltip": "From WeGen Loader."}),
+                "chat": ("WEGEN_CHAT", {"tooltip": "From WeGen Chat Memory or the previous Chat Turn."}),
+                "message": ("STRING", {"multiline": True, "default": "a red fox in a snowy forest, watercolor",
+                                       "tooltip": "What you ask for in this turn."}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": convert.MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Seed of the decoder noise (and of text sampling) for this turn."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Euler steps (release: 50)."}),
+                "cfg": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "UNet guidance (release: 2.0 or 7.0; <= 1 turns it off)."}),
+                "width": ("INT", {**size, "tooltip": "Output width, a multiple of 8; with strength < 1 or a mask "
+                                                     "it must equal the previous image's."}),
+                "height": ("INT", {**size, "tooltip": "Output height, a multiple of 8; with strength < 1 or a "
+                                                      "mask it must equal the previous image's."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                       "tooltip": "Extension (consistency strength): 1.0 = the decoder starts "
+                                                  "from noise (release); lower starts from the previous image "
+                                                  "and keeps more of it."}),
+                "feather": ("INT", {"default": 16, "min": 0, "max": 256,
+                                    "tooltip": "Extension: pixels over which the mask edge blends (with a mask)."}),
+                "history_features": (list(HISTORY_FEATURES), {
+                    "default": "stored",
+                    "tooltip": "Extension: how past images re-enter the prompt: stored = their 64 generated "
+                               "features (no re-encoding), eva = re-encoded from their PNG with EVA."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Images for this turn (each becomes an image block before the "
+                                                "message)."}),
+                "mask": ("MASK", {"tooltip": "Extension: 1 = change, 0 = keep the previous image's pixels exactly "
+                                             "(the first input image's on a first turn)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def turn(self, model, chat, message, seed, steps, cfg, width, height, strength=1.0, feather=16,
+             history_features="stored", images=None, mask=None, unique_id=None):
+        chat = chat_in(chat)
+        message = convert.text_in(message, "message")
+        seed = convert.seeds(seed, 1)[0]
+        images = None if images is None else convert.image_in(images, "images")
+        if mask is not None:
+            mask = convert.mask_in(mask, "mask")
+            if mask.shape[0] != 1:
+                raise ValueError(f"mask must hold one mask for the turn's one image, got a batch of {mask.shape[0]}")
+        if history_features not in HISTORY_FEATURES:
+            raise ValueError(f"history_features must be one of {list(HISTORY_FEATURES)}, got {history_features!r}")
+        engine = host.load_engine(model)
+        result = host.wegen("chat").chat_turn(
+            engine, chat.root, chat.name, message, images, seed=seed, steps=steps, cfg=cfg, width=width,
+            height=height, reference="auto", mask=mask, strength=strength, feather=feather,
+            history_features=history_features, expect_turns=chat.turn_ids,
+            stage=functools.partial(host.stage, model, engine))
+        host.show_text(unique_id, result.reply)
+        session = result.session
+        shown = {"session": session.name, "revision": session.revision, "turns": len(session.turns)}
+        return {"ui": {"wegen_chat": [shown]},
+                "result": (convert.image_out(result.image), result.reply, _ref(session))}
+
+
+NODE_CLASS_MAPPINGS = {"WeGenChatMemory": WeGenChatMemory, "WeGenChatTurn": WeGenChatTurn}
+
+
+# Routes for the chat panel: /wegen/chat/* (plain functions, then thin aiohttp handlers) ----------------
+
+def api_session(name: str) -> dict:
+    """GET /wegen/chat/session?name=: the session's turns (texts, settings, image paths)."""
+    chat = host.wegen("chat")
+    return chat.session_summary(chat.load_session(sessions_root(), chat.check_session_name(name)))
+
+
+def api_image(name: str, file: str) -> str:
+    """GET /wegen/chat/image?name=&file=: the path of an image the session lists (nothing else is served)."""
+    chat = host.wegen("chat")
+    return chat.session_file(sessions_root(), chat.check_session_name(name), file)
+
+
+def api_undo(name: str) -> dict:
+    """POST /wegen/chat/undo {name}: remove the last turn (refused while a turn runs)."""
+    chat = host.wegen("chat")
+    return chat.session_summary(chat.undo_turn(sessions_root(), name, blocking=False))
+
+
+def api_new(name: str) -> dict:
+    """POST /wegen/chat/new {name}: an unused session name based on `name` (nothing is created or removed)."""
+    chat = host.wegen("chat")
+    base = chat.check_session_name(name).rstrip("0123456789").rstrip("-") or "chat"
+    taken = set(chat.list_sessions(sessions_root()))
+    k = 2
+    while f"{base}-{k}" in taken:
+        k += 1
+    return {"name": chat.check_session_name(f"{base}-{k}")}
+
+
+async def _handle(request, method: str):
+    """One route: query (GET) or JSON body (POST) -> the api_* function; errors -> JSON {error} with a status."""
+    from aiohttp import web
+
+    chat = host.wegen("chat")
+    try:
+        args = dict(request.query) if request.method == "GET" else dict(await request.json())
+        if method == "image":
+            return web.FileResponse(api_image(str(args.get("name", "")), str(args.get("file", ""))))
+        function = {"session": api_session, "undo": api_undo, "new": api_new}[method]
+        return web.json_response(function(str(args.get("name", ""))))
+    except chat.CorruptSessionError as e:
+        return web.json_response({"error": str(e)}, status=500)
+    except (ValueError, TypeError) as e:
+        status = 409 if "busy" in str(e) else (404 if method == "image" else 400)
+        return web.json_response({"error": str(e)}, status=status)
+
+
+def _handler(method: str):
+    async def handler(request):
+        return await _handle(request, method)
+    return handler
+
+
+def register_routes() -> list:
+    """The chat panel's routes on ComfyUI's server (nothing without one); returns the paths registered."""
+    added = []
+    for method, verb in (("session", "GET"), ("image", "GET"), ("undo", "POST"), ("new", "POST")):
+        path = f"/wegen/chat/{method}"
+        if host.add_route(verb, path, _handler(method)):
+            added.append(path)
+    return added
+
+
+try:
+    register_routes()
+except Exception as _e:  # a broken server must not hide the nodes
+    host.log.warning("could not register the WeGen chat routes: %s", _e)

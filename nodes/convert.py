@@ -1,0 +1,89 @@
+"""ComfyUI values <-> engine arguments; the only place the nodes convert or check types.
+
+ComfyUI layouts (shared/reference/comfyui-host-contract.md 1.4): IMAGE float32 (B, H, W, 3) in 0..1 on
+the CPU; MASK float32 (B, H, W) or (H, W), 1 = masked. The engine takes and returns the same IMAGE
+layout, and its edit mask means the same thing (1 = the area to change).
+"""
+from __future__ import annotations
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed widget range
+
+
+def image_in(image, name: str = "image"):
+    """IMAGE -> float32 (B, H, W, 3) on the CPU (a lone (H, W, 3) image becomes B = 1)."""
+    import torch
+
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"{name} must be an IMAGE tensor (B, H, W, 3), got {type(image).__name__}")
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[-1] != 3:
+        hint = "; drop the alpha channel first" if image.ndim == 4 and image.shape[-1] == 4 else ""
+        raise ValueError(f"{name} must be an IMAGE (B, H, W, 3) with 3 RGB channels, got shape "
+                         f"{tuple(image.shape)}{hint}")
+    if image.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"{name} must hold floats in 0..1 (ComfyUI IMAGE), got dtype {image.dtype}")
+    return image.detach().to("cpu", torch.float32).contiguous()
+
+
+def mask_in(mask, name: str = "mask"):
+    """MASK (B, H, W) or (H, W) -> float32 (B, H, W) on the CPU."""
+    import torch
+
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a MASK tensor (B, H, W), got {type(mask).__name__}")
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or mask.numel() == 0:
+        raise ValueError(f"{name} must be a MASK (B, H, W) or (H, W), got shape {tuple(mask.shape)}")
+    return mask.detach().to("cpu", torch.float32).contiguous()
+
+
+def image_out(images):
+    """Engine images -> ComfyUI IMAGE: float32 (B, H, W, 3) in 0..1, contiguous, on the CPU."""
+    import torch
+
+    return images.detach().to("cpu", torch.float32).clamp(0, 1).contiguous()
+
+
+def seeds(seed, n: int) -> list[int]:
+    """A seed widget value -> one seed per row (row b uses seed + b, wrapping at 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+    return [(seed + b) % (MAX_SEED + 1) for b in range(n)]
+
+
+def text_in(text, name: str = "text") -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+    return text
+
+
+def cond_in(cond, feature_shape: tuple[int, int]):
+    """WEGEN_COND -> its (B, 64, C) features, checked against the model that will decode them."""
+    features = getattr(cond, "features", None)
+    if features is None or not hasattr(features, "shape"):
+        raise ValueError(f"cond must be a WEGEN_COND from a WeGen MLLM Encode node, got {type(cond).__name__}")
+    if features.ndim != 3 or tuple(features.shape[1:]) != tuple(feature_shape):
+        raise ValueError(f"cond holds features of shape {tuple(features.shape)} but this model decodes "
+                         f"(B, {feature_shape[0]}, {feature_shape[1]}): connect a WEGEN_COND made with the "
+                         f"same checkpoint")
+    return features
+
+
+def batch_size(**rows) -> int:
+    """Common batch of inputs that each have 1 or B rows (None = not connected); error names the inputs."""
+    sizes = {name: n for name, n in rows.items() if n is not None}
+    B = max(sizes.values(), default=1)
+    bad = {name: n for name, n in sizes.items() if n not in (1, B)}
+    if bad:
+        listing = ", ".join(f"{name} has {n}" for name, n in sizes.items())
+        raise ValueError(f"batch sizes don't match ({listing}): each input must have 1 row or {B}")
+    return B
+
+
+def repeat_rows(t, B: int):
+    """(1, ...) -> (B, ...); (B, ...) unchanged."""
+    return t if t.shape[0] == B else t.expand(B, *t.shape[1:]).contiguous()

@@ -1,0 +1,73 @@
+"""WeGen MLLM Encode: prompt (+ reference images) -> WEGEN_COND (the 64 image features + reply text)."""
+from __future__ import annotations
+
+from . import convert, host
+
+
+class WeGenMLLMEncode:
+    TITLE = "WeGen MLLM Encode"
+    CATEGORY = "WeGen/conditioning"
+    DESCRIPTION = ("Runs the WeGen multimodal LLM on a prompt and optional reference images (each becomes an image "
+                   "block in the prompt, in batch order) and returns the 64 image features the model writes, plus "
+                   "its reply text. Connect the cond to WeGen Consistency Decode. Release defaults: greedy "
+                   "decoding (temperature 0), var-cfg 1 (off), the official feature slice. Extensions: sampling "
+                   "(temperature/top_p/seed), feature_slice 'aligned', force_image.")
+    RETURN_TYPES = ("WEGEN_COND", "STRING")
+    RETURN_NAMES = ("cond", "reply")
+    OUTPUT_TOOLTIPS = ("The 64 image features (+ prompt and reply) for WeGen Consistency Decode.",
+                       "The model's reply text, without the image block (empty when force_image starts the image "
+                       "right away).")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("WEGEN_MODEL", {"tooltip": "From WeGen Loader."}),
+                "text": ("STRING", {"multiline": True, "default": "a red fox in a snowy forest, watercolor",
+                                    "tooltip": "The instruction. May be empty when images are connected."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": convert.MAX_SEED, "control_after_generate": False,
+                                 "tooltip": "Text sampling seed; only used when temperature > 0 (extension)."}),
+                "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                          "tooltip": "0 = greedy, as the release. > 0 samples the text (extension)."}),
+                "top_p": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Nucleus sampling when temperature > 0 (extension)."}),
+                "max_new_tokens": ("INT", {"default": 512, "min": 1, "max": 4096,
+                                           "tooltip": "Text-token budget before the image block (release: 512)."}),
+                "var_cfg_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                            "tooltip": "The release's guidance on the image-slot hidden states; "
+                                                       "1.0 = off (release default)."}),
+                "feature_slice": (["official", "aligned"], {
+                    "default": "official",
+                    "tooltip": "Which 64 hidden states become features. official = the release; aligned = "
+                               "shifted by one so each slot reads its own state (extension)."}),
+                "force_image": ("BOOLEAN", {"default": True,
+                                            "tooltip": "Start the image block right after the prompt so every "
+                                                       "run yields an image (extension). Off = the release: the "
+                                                       "model decides (and may answer with text only)."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Reference images, shared by the prompt (each one is an image "
+                                                "block before the instruction)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def encode(self, model, text, seed=0, temperature=0.0, top_p=1.0, max_new_tokens=512, var_cfg_scale=1.0,
+               feature_slice="official", force_image=True, images=None, unique_id=None):
+        text = convert.text_in(text, "text")
+        refs = None if images is None else convert.image_in(images, "images")
+        if not text.strip() and refs is None:
+            raise ValueError("text is empty and no images are connected: give a prompt, images, or both")
+        seed = convert.seeds(seed, 1)[0]
+        engine = host.load_engine(model)
+        with host.stage(model, engine, "mllm", *(("eva",) if refs is not None else ())) as progress:
+            cond = engine.encode(text, refs, seed=seed, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens, var_cfg_scale=var_cfg_scale,
+                                 feature_slice=feature_slice, force_image=bool(force_image),
+                                 callback=progress)
+        host.show_text(unique_id, cond.texts[0])
+        return (cond, cond.texts[0])
+
+
+NODE_CLASS_MAPPINGS = {"WeGenMLLMEncode": WeGenMLLMEncode}

@@ -1,0 +1,397 @@
+"""The fast path equals the plain path: every piece that can run on a CPU is run here against it.
+
+CUDA graph capture itself runs only on a GPU (bench/run.py checks it there and prints the difference);
+here the static-KV-cache step runs eagerly on the CPU (fastpath.settings(static_on_cpu=True)), which is
+the very code a graph captures.
+"""
+import sys
+
+import pytest
+import torch
+
+from wegen import decoder, fastpath, loading, mllm, prompting
+from wegen import engine as engine_mod
+from wegen.engine import WeGenEngine
+
+
+def _ids(engine, prompt, force_image=True, history=None, task="generate"):
+    turns = list(history or []) + [prompting.Turn(prompt)]
+    return prompting.prompt_ids(engine.tokenizer, turns, 64, task, force_image=force_image)
+
+
+def _decode(engine, rows, settings=None, static=False, gens=None, feats=None, **kw):
+    settings = settings or mllm.DecodeSettings()
+    feats = feats or [None] * len(rows)
+    with torch.inference_mode(), fastpath.settings(static_on_cpu=static):
+        out = mllm.decode(engine.mllm, rows, feats, engine.image_ids, settings, engine.tokenizer.eos_id, gens, **kw)
+    fastpath.release(engine.mllm)
+    return out
+
+
+def _gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _close(a, b, tol=1e-5):
+    return float((a - b).abs().max()) <= tol * float(b.abs().max())
+
+
+# Decode: the static cache against the plain transformers loop -------------------------------------
+
+def test_static_cache_decode_equals_plain_b1(engine):
+    ids = _ids(engine, "a lighthouse on a cliff")
+    plain = _decode(engine, [ids])[0]
+    fast = _decode(engine, [ids], static=True)[0]
+    assert fast.ids == plain.ids and len(fast.ids) == 65
+    assert _close(fast.features, plain.features)
+
+
+def test_static_cache_is_used_when_forced_and_not_by_default_on_cpu(engine, monkeypatch):
+    calls = []
+    real = fastpath.StaticDecoder.step
+
+    def counting(self, x):
+        calls.append(x.shape)
+        return real(self, x)
+
+    monkeypatch.setattr(fastpath.StaticDecoder, "step", counting)
+    ids = _ids(engine, "a fox")
+    _decode(engine, [ids])
+    assert calls == []  # CPU default: the plain path
+    _decode(engine, [ids], static=True)
+    assert len(calls) == 64 and calls[0] == (1, 1, engine.mllm_cfg.hidden)
+
+
+def test_static_cache_left_padded_batch_equals_plain(engine):
+    rows = [_ids(engine, p) for p in ("a fox", "a lighthouse on a cliff at sunset, oil painting", "cat")]
+    plain = _decode(engine, rows)
+    fast = _decode(engine, rows, static=True)
+    for p, f in zip(plain, fast):
+        assert f.ids == p.ids
+        assert _close(f.features, p.features)
+
+
+def test_static_cache_text_sampling_equals_plain(engine):
+    """Text mode with per-row generators (the rewrite helper's use): same tokens, row by row."""
+    rows = [_ids(engine, "describe a cat", force_image=False, task="chat"), _ids(engine, "a dog", force_image=False)]
+    settings = mllm.DecodeSettings(max_new_tokens=24, temperature=0.9, top_p=0.9, allow_image=False)
+    plain = _decode(engine, rows, settings, gens=_gens(3, 4))
+    fast = _decode(engine, rows, settings, static=True, gens=_gens(3, 4))
+    assert [r.ids for r in fast] == [r.ids for r in plain]
+    assert all(len(r.ids) > 1 for r in plain)
+
+
+def test_static_cache_with_var_cfg_equals_plain(engine):
+    ids = _ids(engine, "a red house")
+    settings = mllm.DecodeSettings(var_cfg_scale=3.0)
+    assert _close(_decode(engine, [ids], settings, static=True)[0].features,
+                  _decode(engine, [ids], settings)[0].features)
+
+
+def test_static_cache_prefix_reuse_equals_full_prefill(engine):
+    """The chat helper's prefix= / keep_prompt_cache= through the static cache: same as a full prefill."""
+    history = [prompting.Turn("a house near a river", reply="Here's a painting.", reply_images=1)]
+    feats = [torch.randn(1, 64, engine.mllm_cfg.feature_dim, generator=torch.Generator().manual_seed(0))]
+    ids1 = _ids(engine, "a house near a river", task="chat")
+    ids2 = _ids(engine, "make the sky purple", history=history, task="chat")
+    first = _decode(engine, [ids1], keep_prompt_cache=True)[0]
+    common = next(i for i, (a, b) in enumerate(zip(ids1, ids2)) if a != b)
+    prefix = mllm.Prefix(first.prompt_cache, common)
+    full = _decode(engine, [ids2], feats=feats)[0]
+    fast = _decode(engine, [ids2], feats=feats, static=True, prefix=prefix, keep_prompt_cache=True)[0]
+    assert fast.ids == full.ids
+    assert _close(fast.features, full.features)
+    assert fast.prompt_cache.get_seq_length() == len(ids2)
+
+
+def test_static_decoder_refuses_to_overflow(engine):
+    ids = _ids(engine, "a fox")
+    with torch.inference_mode():
+        embeds, mask, pos = mllm.build_prefill(engine.mllm, [ids], [None], engine.image_ids, "cpu", torch.float32)
+        cache = mllm.new_cache(engine.mllm.llm)
+        engine.mllm.forward_hidden(embeds, mask, pos, cache)
+        dec = fastpath.StaticDecoder(engine.mllm, 1, len(ids) + 2, use_graphs=False)
+        dec.load(cache, mask, pos[:, -1] + 1)
+        x = torch.zeros(1, 1, engine.mllm_cfg.hidden)
+        dec.step(x)
+        dec.step(x)
+        with pytest.raises(RuntimeError, match="static KV cache of .* columns is full"):
+            dec.step(x)
+
+
+class _EagerGraph:
+    """Stand-in for a CUDA graph on the CPU: replay runs the captured function again."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.fn()
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """fastpath's graph code on the CPU: _capture_graph keeps its warm-up/reset contract, replay re-runs."""
+    captured = []
+
+    def capture(fn, device, warmup, reset=None):
+        for _ in range(warmup):
+            fn()
+        if reset is not None:
+            reset()
+        captured.append(fn)
+        return _EagerGraph(fn)
+
+    monkeypatch.setattr(fastpath, "_capture_graph", capture)
+    with fastpath.settings(static_on_cpu=True, graphs_on_cpu=True):
+        yield captured
+
+
+def test_decode_graph_replay_logic_equals_plain(engine, cpu_graphs):
+    """Warm-up, state restore and one graph per 128-column bucket, replayed: the same tokens and features."""
+    short = _ids(engine, "a fox")
+    long = _ids(engine, "a lighthouse on a cliff at sunset, oil painting, " * 6)
+    assert len(short) + 65 < fastpath.KV_BUCKET < len(long) + 65 < 2 * fastpath.KV_BUCKET
+    for ids, graphs in ((short, 1), (long, 2)):
+        cpu_graphs.clear()
+        fast = _decode(engine, [ids], static=True)[0]
+        plain = _decode(engine, [ids])[0]
+        assert len(cpu_graphs) == graphs
+        assert fast.ids == plain.ids and _close(fast.features, plain.features)
+
+
+def test_decode_falls_back_when_capture_fails(engine, caplog):
+    """On the CPU the real _capture_graph fails (no CUDA streams): the step runs eagerly, results unchanged."""
+    ids = _ids(engine, "a fox")
+    fastpath._LOGGED.discard("decgraph")
+    with fastpath.settings(graphs_on_cpu=True), caplog.at_level("INFO", logger="wegen.fastpath"):
+        fast = _decode(engine, [ids], static=True)[0]
+    assert "CUDA graph capture of the decode step failed" in caplog.text
+    assert _close(fast.features, _decode(engine, [ids])[0].features)
+
+
+def test_unet_graph_logic_equals_plain(engine, cpu_graphs):
+    """One graph per shape, reused with new conditioning (set_condition), a new one for a new shape."""
+    kw = dict(steps=2, guidance_scale=3.0, width=64, height=64)
+
+    def run(feats, seed, **extra):
+        with torch.inference_mode():
+            return decoder.generate(engine.unet, engine.vae, engine.scheduler, engine.decoder_cfg, feats, [seed],
+                                    **{**kw, **extra})
+
+    f1, f2 = (torch.randn(1, 64, engine.mllm_cfg.feature_dim, generator=torch.Generator().manual_seed(s))
+              for s in (1, 2))
+    a, b = run(f1, 1), run(f2, 2)
+    assert len(cpu_graphs) == 1  # the second call replays the first call's graph with f2's conditioning
+    c = run(f1, 1, width=72)
+    assert len(cpu_graphs) == 2 and fastpath.describe(unet=engine.unet)["unet"] == "CUDA graph"
+    fastpath.release(engine.unet)
+    with fastpath.settings(enabled=False):
+        torch.testing.assert_close(a, run(f1, 1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(b, run(f2, 2), rtol=0, atol=1e-6)
+        torch.testing.assert_close(c, run(f1, 1, width=72), rtol=0, atol=1e-6)
+    assert fastpath.describe(unet=engine.unet)["unet"] == "plain"
+
+
+def test_decode_runner_declines_unsafe_cases(engine):
+    ids = _ids(engine, "a fox")
+    with torch.inference_mode():
+        embeds, mask, pos = mllm.build_prefill(engine.mllm, [ids], [None], engine.image_ids, "cpu", torch.float32)
+    cache = object()  # never read: every case below declines before loading
+    assert fastpath.decode_runner(engine.mllm, cache, mask, pos[:, -1], 65) is None  # CPU, not forced
+    with fastpath.settings(static_on_cpu=True, enabled=False):
+        assert fastpath.decode_runner(engine.mllm, cache, mask, pos[:, -1], 65) is None
+    with fastpath.settings(static_on_cpu=True), torch.enable_grad():
+        assert fastpath.decode_runner(engine.mllm, cache, mask, pos[:, -1], 65) is None  # autograd on
+
+
+def test_fast_path_state_lives_in_the_module_and_is_never_copied(engine):
+    import copy
+    import pickle
+
+    ids = _ids(engine, "a fox")
+    with torch.inference_mode(), fastpath.settings(static_on_cpu=True):
+        mllm.decode(engine.mllm, [ids], [None], engine.image_ids, mllm.DecodeSettings(), engine.tokenizer.eos_id)
+    assert fastpath.describe(engine.mllm)["decode"] == "static cache (eager)"
+    assert "_wegen_fastpath" not in "".join(engine.mllm.state_dict())
+    small = torch.nn.Linear(2, 2)
+    fastpath._cache_of(small)["decoders"] = {"x": object()}
+    assert copy.deepcopy(small).__dict__["_wegen_fastpath"] == {}
+    assert pickle.loads(pickle.dumps(small)).__dict__["_wegen_fastpath"] == {}
+    fastpath.release(engine.mllm, small)
+    assert fastpath.describe(engine.mllm)["decode"] == "plain" and fastpath._cache_of(small) == {}
+
+
+def test_unsupported_llm_reasons(engine, monkeypatch):
+    assert fastpath.llm_unsupported_reason(engine.mllm) is None
+    monkeypatch.setattr(engine.mllm.llm.model.rotary_emb, "rope_type", "dynamic", raising=False)
+    assert "rescales" in fastpath.llm_unsupported_reason(engine.mllm)
+    monkeypatch.undo()
+    monkeypatch.setattr(engine.mllm.llm, "hf_device_map", {"": 0}, raising=False)
+    assert "accelerate" in fastpath.llm_unsupported_reason(engine.mllm)
+    assert "not a transformers Llama" in fastpath.llm_unsupported_reason(torch.nn.Linear(2, 2))
+
+
+# Decode loop: the cheap CPU wins are exact -------------------------------------------------------
+
+def test_forced_image_steps_compute_no_logits(engine):
+    calls = []
+    handle = engine.mllm.llm.lm_head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    try:
+        _decode(engine, [_ids(engine, "a fox")])
+        assert calls == []  # prompt ends with <img>: every token is forced
+        _decode(engine, [_ids(engine, "a fox", force_image=False)], mllm.DecodeSettings(max_new_tokens=3))
+        assert calls  # text mode needs logits
+    finally:
+        handle.remove()
+
+
+def test_batched_token_choice_equals_per_row_sampling(engine):
+    """_pick_tokens (one transfer for all rows) draws what sample_next_token draws row by row."""
+    image_ids = engine.image_ids
+    h = torch.randn(3, engine.mllm_cfg.hidden, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        logits = mllm.mask_image_ids(engine.mllm.logits(h), image_ids, True)
+        for settings in (mllm.DecodeSettings(), mllm.DecodeSettings(temperature=0.7, top_p=0.8)):
+            got = mllm._pick_tokens(engine.mllm, h, [0, 2], image_ids, settings, _gens(1, 2, 3))
+            ref_gens = _gens(1, 2, 3)
+            want = {b: mllm.sample_next_token(logits[b], ref_gens[b], settings.temperature, settings.top_p)
+                    for b in (0, 2)}
+            assert got == want
+
+
+# Decoder: UNet runner, channels-last, bf16 -------------------------------------------------------
+
+def test_unet_runner_is_the_plain_call_on_cpu(engine):
+    feats = torch.randn(2, 64, engine.mllm_cfg.feature_dim)
+    runner = fastpath.unet_runner(engine.unet, feats, {"text_embeds": feats.mean(1),
+                                                       "time_ids": decoder.sdxl_time_ids(64, 64, 2, "cpu",
+                                                                                        torch.float32)})
+    assert isinstance(runner, fastpath.PlainDenoiser)
+
+
+def test_channels_last_decoder_equals_contiguous(tiny_ckpt, engine):
+    """The engine's channels-last UNet/VAE against NCHW copies: same latents and pixels to float rounding."""
+    import copy
+
+    assert engine.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    unet = copy.deepcopy(engine.unet).to(memory_format=torch.contiguous_format)
+    vae = copy.deepcopy(engine.vae).to(memory_format=torch.contiguous_format)
+    assert not unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    feats = torch.randn(1, 64, engine.mllm_cfg.feature_dim, generator=torch.Generator().manual_seed(4))
+    kw = dict(steps=3, guidance_scale=3.0, width=64, height=64)
+    with torch.inference_mode():
+        a = decoder.generate(engine.unet, engine.vae, engine.scheduler, engine.decoder_cfg, feats, [5], **kw)
+        b = decoder.generate(unet, vae, engine.scheduler, engine.decoder_cfg, feats, [5], **kw)
+        la = decoder.generate(engine.unet, engine.vae, engine.scheduler, engine.decoder_cfg, feats, [5],
+                              output="latents", **kw)
+    assert a.shape == (1, 64, 64, 3) and la.shape == (1, 4, 8, 8) and la.is_contiguous()
+    assert float((a - b).abs().max()) < 1e-4
+    with torch.inference_mode():
+        torch.testing.assert_close(decoder.decode_latents(engine.vae, engine.decoder_cfg, la), a, rtol=0, atol=0)
+
+
+def test_generate_rejects_unknown_output(engine):
+    with pytest.raises(ValueError, match="output must be 'images' or 'latents', got 'pixels'"):
+        decoder.generate(engine.unet, engine.vae, engine.scheduler, engine.decoder_cfg,
+                         torch.zeros(1, 64, engine.mllm_cfg.feature_dim), [0], steps=1, width=64, height=64,
+                         output="pixels")
+
+
+def test_bf16_vae_decode_is_close_to_fp32(engine):
+    """The GPU default decodes with a bf16 VAE; its pixels stay within bf16 rounding of fp32."""
+    import copy
+
+    vae16 = torch.nn.Module.to(copy.deepcopy(engine.vae), torch.bfloat16)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        ref = decoder.decode_latents(engine.vae, engine.decoder_cfg, latents)
+        got = decoder.decode_latents(vae16, engine.decoder_cfg, latents)
+    assert got.dtype == torch.float32 and float((got - ref).abs().max()) < 0.05
+
+
+# Engine: offload policies, lazy EVA, spreading ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fresh_engine(tiny_ckpt):
+    return WeGenEngine(loading.load_parts(tiny_ckpt), device="cpu", dtype="fp32")
+
+
+def test_eva_is_not_built_without_images(fresh_engine):
+    fresh_engine.encode("a fox")
+    fresh_engine.decode(fresh_engine.encode("a fox"), steps=1, width=64, height=64)
+    assert fresh_engine._eva is None
+
+
+def test_phase_offload_keeps_only_the_running_stage_on_the_device(fresh_engine, monkeypatch):
+    e = fresh_engine
+    where, moves = {}, []
+
+    def recorder(name, module):
+        def to(*args, **kwargs):
+            target = "cpu" if args and args[0] == "cpu" else "device"
+            where[name] = target
+            moves.append((name, target))
+            return module
+        return to
+
+    names = {"mllm": e.mllm, "unet": e.unet, "vae": e.vae}
+    for name, m in names.items():
+        monkeypatch.setitem(m.__dict__, "to", recorder(name, m))
+        where[name] = "cpu"
+    monkeypatch.setattr(engine_mod, "_device_of", lambda m: torch.device(
+        "cuda" if where.get(next(n for n, x in names.items() if x is m), "cpu") == "device" else "cpu"))
+    monkeypatch.setattr(e, "offload", "phase")
+    seen = {}
+    cond = e.encode("a fox", callback=lambda d: seen.setdefault("tokens", dict(where)))
+    e.decode(cond, steps=1, width=64, height=64, callback=lambda d: seen.setdefault("denoise", dict(where)))
+    assert seen["tokens"] == {"mllm": "device", "unet": "cpu", "vae": "cpu"}
+    assert seen["denoise"] == {"mllm": "cpu", "unet": "device", "vae": "device"}
+    assert where == {"mllm": "cpu", "unet": "device", "vae": "device"}  # the last stage stays until the next
+    assert e._eva is None
+
+
+def test_offload_policy_errors(fresh_engine, tiny_ckpt):
+    with pytest.raises(ValueError, match="offload must be one of"):
+        WeGenEngine(loading.load_parts(tiny_ckpt), device="cpu", offload="sometimes")
+    with pytest.raises(ValueError, match="offload='spread' spreads the LLM over CUDA GPUs; device is 'cpu'"):
+        WeGenEngine(loading.load_parts(tiny_ckpt), device="cpu", offload="spread")
+    with pytest.raises(ValueError, match="set_offload switches between"):
+        fresh_engine.set_offload("spread")
+    fresh_engine.set_offload("phase")
+    fresh_engine.set_offload("none")
+    assert fresh_engine.offload == "none"
+
+
+def test_spread_plan_splits_layers_between_gpus(engine):
+    pytest.importorskip("accelerate")
+    cfg = dict(engine.parts.llama_config)
+    model = loading.build_mllm(engine.mllm_cfg, cfg)  # meta device: sizes only
+    total = sum(p.numel() * 4 for p in model.parameters())
+    plan = fastpath.spread_plan(model, {0: int(total * 0.8), 1: int(total * 0.8), "cpu": 0})
+    assert set(plan.values()) == {0, 1}  # neither GPU holds it all; nothing left for the CPU or disk
+    assert plan["llm.model.layers.0"] == 0 and plan["llm.model.layers.1"] == 1  # whole decoder layers
+
+
+def test_spread_needs_accelerate(monkeypatch):
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(ImportError, match="pip install accelerate"):
+        fastpath.spread_plan(torch.nn.Linear(2, 2), {0: 100})
+
+
+# Settings --------------------------------------------------------------------------------------------
+
+def test_settings_validation_and_env(monkeypatch):
+    with pytest.raises(ValueError, match="unknown fast-path settings \\['graphs'\\]"):
+        fastpath.configure(graphs=False)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        fastpath.configure(compile="fast")
+    monkeypatch.setenv("WEGEN_FASTPATH", "0")
+    monkeypatch.setenv("WEGEN_COMPILE", "max-autotune")
+    s = fastpath._settings_from_env()
+    assert s.enabled is False and s.compile == "max-autotune"
+    monkeypatch.setenv("WEGEN_COMPILE", "turbo")
+    assert fastpath._settings_from_env().compile == "off"
+    with fastpath.settings(cuda_graphs=False):
+        assert fastpath.SETTINGS.cuda_graphs is False
+    assert fastpath.SETTINGS.cuda_graphs is True

@@ -1,0 +1,451 @@
+"""Node contract tests under stand-in ComfyUI modules (tests/host_stubs.py): INPUT_TYPES, return tuples,
+IMAGE layout, seeds, interrupts, bad inputs. Tiny checkpoint, 64 px, 2-3 steps."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from host_stubs import InterruptProcessingException, comfy_host  # noqa: F401  (fixture)
+from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
+from nodes.decode import WeGenConsistencyDecode, WeGenReconstruct
+from nodes.encode import WeGenMLLMEncode
+from nodes.loader import WeGenLoader
+from nodes.understand import WeGenUnderstand
+
+SMALL = dict(steps=2, cfg=2.0, width=64, height=64)
+WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+@pytest.fixture
+def model(comfy_host):
+    return WeGenLoader().load("tiny", "fp32", "cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def cond(engine):
+    return engine.encode("a red fox in the snow", max_new_tokens=8)
+
+
+def image(B=1, H=64, W=64, seed=0):
+    return torch.rand(B, H, W, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def check_image(out, B, H, W):
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert tuple(out.shape) == (B, H, W, 3)
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+def center_mask(B=1, H=64, W=64):
+    mask = torch.zeros(B, H, W)
+    mask[:, H // 4:3 * H // 4, W // 4:3 * W // 4] = 1.0
+    return mask
+
+
+# Declarations ------------------------------------------------------------------------------------
+
+def test_mappings_ids_titles_and_display_names():
+    assert set(NODE_CLASS_MAPPINGS) >= {"WeGenLoader", "WeGenMLLMEncode", "WeGenConsistencyDecode",
+                                        "WeGenUnderstand", "WeGenReconstruct"}
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        assert node_id.startswith("WeGen") and cls.CATEGORY.startswith("WeGen/"), node_id
+        assert NODE_DISPLAY_NAME_MAPPINGS[node_id] == cls.TITLE
+        assert len(cls.DESCRIPTION) > 40 and callable(getattr(cls, cls.FUNCTION))
+        assert isinstance(cls.RETURN_TYPES, tuple)
+        assert len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+
+
+@pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
+def test_input_types_well_formed(comfy_host, node_id):
+    cls = NODE_CLASS_MAPPINGS[node_id]
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"} and spec["required"]
+    params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            assert isinstance(entry, tuple) and 1 <= len(entry) <= 2, name
+            kind, opts = entry[0], entry[1] if len(entry) == 2 else {}
+            assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
+            assert name in params, f"{node_id}.{cls.FUNCTION} does not take {name}"
+            if section == "optional":
+                assert params[name].default is not inspect.Parameter.empty, name
+            if isinstance(kind, list):
+                assert "default" not in opts or opts["default"] in kind, name
+            elif kind in ("INT", "FLOAT"):
+                assert opts["min"] <= opts["default"] <= opts["max"], name
+                if params[name].default is not inspect.Parameter.empty:
+                    assert params[name].default == opts["default"], f"{node_id}.{name}: widget/function defaults"
+            else:
+                assert kind in WIDGETS or (kind.isupper() and kind.replace("_", "").isalpha()), name
+    for name in spec.get("hidden", {}):
+        assert name in params
+
+
+def test_seed_widgets():
+    for cls in (WeGenConsistencyDecode, WeGenReconstruct):
+        kind, opts = cls.INPUT_TYPES()["required"]["seed"]
+        assert (kind, opts["min"], opts["max"], opts["control_after_generate"]) == ("INT", 0, 2**64 - 1, True)
+    for cls in (WeGenMLLMEncode, WeGenUnderstand):  # the seed only matters at temperature > 0: no randomize
+        assert cls.INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is False
+
+
+def test_extensions_are_labelled():
+    assert "extension" in WeGenConsistencyDecode.DESCRIPTION.lower()
+    opts = {n: e[1] for n, e in WeGenMLLMEncode.INPUT_TYPES()["required"].items()}
+    for name in ("force_image", "feature_slice", "temperature"):
+        assert "extension" in opts[name]["tooltip"].lower(), name
+    for name, entry in WeGenConsistencyDecode.INPUT_TYPES()["optional"].items():
+        assert "extension" in entry[1]["tooltip"].lower(), name
+
+
+# Loader --------------------------------------------------------------------------------------------
+
+def test_loader_lists_checkpoint_folders(comfy_host, tmp_path, tiny_ckpt):
+    import os
+
+    extra = tmp_path / "extra"
+    (extra / "not_a_checkpoint").mkdir(parents=True)
+    os.symlink(tiny_ckpt, extra / "tiny_copy")
+    (extra / "stray_file.txt").write_text("x")
+    folder_paths = comfy_host.modules["folder_paths"]
+    folder_paths.add_model_folder_path("wegen", str(extra))  # what an extra_model_paths.yaml entry does
+    names = WeGenLoader.INPUT_TYPES()["required"]["checkpoint"][0]
+    assert names == ["tiny", "tiny_copy"]
+    assert os.path.join(comfy_host.models_dir, "wegen") in folder_paths.get_folder_paths("wegen")
+
+
+def test_loader_returns_handle_to_cached_engine(model, engine):
+    assert isinstance(model, host.WeGenModel) and (model.dtype, model.device) == ("fp32", "cpu")
+    assert host.load_engine(model) is engine
+
+
+def test_loader_auto_dtype_shares_the_engine(comfy_host, engine):
+    handle = WeGenLoader().load("tiny", "auto", "gpu")[0]  # stand-in host: the "GPU" is the CPU
+    assert host.load_engine(handle) is engine
+
+
+@pytest.mark.parametrize("args, error, words", [
+    (("nope", "fp32", "cpu"), FileNotFoundError, ["'nope'", "wegen", "make-tiny"]),
+    (("tiny", "int8", "cpu"), ValueError, ["dtype", "'int8'", "fp32"]),
+    (("tiny", "fp32", "tpu"), ValueError, ["device", "'tpu'", "offload when idle"]),
+    (("", "fp32", "cpu"), ValueError, ["checkpoint", "models/wegen"]),
+])
+def test_loader_bad_inputs(comfy_host, args, error, words):
+    with pytest.raises(error) as e:
+        WeGenLoader().load(*args)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_loader_names_missing_files(comfy_host, tmp_path):
+    broken = tmp_path / "broken"
+    (broken / "pretrained").mkdir(parents=True)
+    comfy_host.modules["folder_paths"].add_model_folder_path("wegen", str(tmp_path))
+    with pytest.raises(ValueError, match="missing .*broken"):
+        WeGenLoader().load("broken", "fp32", "cpu")
+
+
+# MLLM Encode ---------------------------------------------------------------------------------------
+
+def test_encode_returns_cond_and_reply(model):
+    cond, reply = WeGenMLLMEncode().encode(model, "a red fox", max_new_tokens=8)
+    assert tuple(cond.features.shape) == (1, 64, 112) and cond.features.dtype == torch.float32
+    assert isinstance(reply, str) and reply == cond.texts[0]
+
+
+def test_encode_with_image_batch_and_same_seed(model):
+    node, refs = WeGenMLLMEncode(), image(B=2)
+    a = node.encode(model, "", seed=7, temperature=0.8, max_new_tokens=4, images=refs)[0]
+    b = node.encode(model, "", seed=7, temperature=0.8, max_new_tokens=4, images=refs)[0]
+    single = node.encode(model, "", max_new_tokens=4, images=refs[:1])[0]
+    assert torch.equal(a.features, b.features)
+    assert not torch.equal(a.features, single.features)  # both images entered the prompt
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(text=""), ["text is empty", "images"]),
+    (dict(text=3), ["text must be a string"]),
+    (dict(text="x", images=torch.rand(1, 64, 64, 4)), ["images", "3 RGB channels", "alpha"]),
+    (dict(text="x", images=torch.zeros(1, 64, 64, 3, dtype=torch.uint8)), ["images", "floats"]),
+    (dict(text="x", temperature=-1.0), ["temperature", "-1.0"]),
+    (dict(text="x", top_p=0.0), ["top_p"]),
+    (dict(text="x", feature_slice="middle"), ["feature_slice", "'middle'"]),
+    (dict(text="x", seed=-1), ["seed", "-1"]),
+])
+def test_encode_bad_inputs(model, kwargs, words):
+    with pytest.raises(ValueError) as e:
+        WeGenMLLMEncode().encode(model, max_new_tokens=4, **kwargs)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_encode_rejects_a_foreign_model(comfy_host):
+    with pytest.raises(ValueError, match="WEGEN_MODEL from a WeGen Loader"):
+        WeGenMLLMEncode().encode("tiny", "x")
+
+
+# Consistency Decode -------------------------------------------------------------------------------
+
+def test_decode_image_layout_and_seeds(model, cond):
+    node = WeGenConsistencyDecode()
+    out = node.decode(model, cond, seed=5, **SMALL)
+    assert isinstance(out, tuple) and len(out) == len(node.RETURN_TYPES)
+    check_image(out[0], 1, 64, 64)
+    assert torch.equal(out[0], node.decode(model, cond, seed=5, **SMALL)[0])
+    assert not torch.equal(out[0], node.decode(model, cond, seed=6, **SMALL)[0])
+
+
+def test_decode_batch_of_references_uses_seed_plus_row(model, cond):
+    node, ref = WeGenConsistencyDecode(), image(B=2)
+    out = node.decode(model, cond, seed=5, reference=ref, strength=0.5, **SMALL)[0]
+    check_image(out, 2, 64, 64)
+    row1 = node.decode(model, cond, seed=6, reference=ref[1:], strength=0.5, **SMALL)[0]
+    assert torch.allclose(out[1:], row1, atol=1e-4)  # batched kernels may round differently
+    assert not torch.allclose(out[:1], row1, atol=1e-2)
+
+
+def test_decode_seed_wraps_at_the_top_of_the_range(model, cond):
+    node, ref = WeGenConsistencyDecode(), image(B=2)
+    out = node.decode(model, cond, seed=2**64 - 1, reference=ref, strength=0.5, **SMALL)[0]
+    row1 = node.decode(model, cond, seed=0, reference=ref[1:], strength=0.5, **SMALL)[0]
+    assert torch.allclose(out[1:], row1, atol=1e-4)
+
+
+def test_decode_mask_keeps_the_reference_outside(model, cond):
+    ref, mask = image(), center_mask()
+    out = WeGenConsistencyDecode().decode(model, cond, seed=1, reference=ref, mask=mask, strength=1.0, feather=4,
+                                          **SMALL)[0]
+    check_image(out, 1, 64, 64)
+    keep = torch.ones(64, 64, dtype=torch.bool)
+    keep[16 - 4:48 + 4, 16 - 4:48 + 4] = False  # mask + feather
+    assert torch.equal(out[0][keep], ref[0][keep])
+    assert not torch.equal(out[0][~keep], ref[0][~keep])
+
+
+def test_decode_accepts_a_2d_mask_of_the_same_aspect(model, cond):
+    mask = center_mask(H=32, W=32)[0]  # (H, W), half size
+    out = WeGenConsistencyDecode().decode(model, cond, seed=1, reference=image(), mask=mask, strength=0.7, **SMALL)
+    check_image(out[0], 1, 64, 64)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(mask=center_mask()), ["mask needs a reference"]),
+    (dict(strength=0.5), ["strength 0.5 needs a reference"]),
+    (dict(reference=image()), ["reference without a mask needs strength < 1"]),
+    (dict(reference=image(H=48), strength=0.5), ["reference is 64x48", "width x height is 64x64"]),
+    (dict(reference=image(), mask=torch.zeros(1, 64, 64)), ["mask row(s) [0] are empty", "LoadImage"]),
+    (dict(reference=image(), mask=torch.ones(1, 64, 64)), ["covers every pixel", "strength"]),
+    (dict(reference=image(), mask=center_mask(H=64, W=32)), ["mask is 32x64", "aspect"]),
+    (dict(reference=image(B=3), strength=0.5, mask=center_mask(B=2)), ["batch sizes", "reference has 3", "mask has 2"]),
+    (dict(reference=image(), mask=center_mask(), feather=-1), ["feather", "-1"]),
+    (dict(strength=1.5), ["strength must be in 0..1"]),
+    (dict(width=60), ["width", "multiple of 8", "60"]),
+    (dict(steps=0), ["steps", "1..1000"]),
+    (dict(reference=image(), strength=0.01, steps=2), ["no denoising step"]),
+])
+def test_decode_refuses_what_it_cannot_do(model, cond, kwargs, words):
+    args = {**SMALL, **kwargs}
+    with pytest.raises(ValueError) as e:
+        WeGenConsistencyDecode().decode(model, cond, seed=0, **args)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_decode_rejects_bad_conds(model, engine):
+    with pytest.raises(ValueError, match="WEGEN_COND from a WeGen MLLM Encode"):
+        WeGenConsistencyDecode().decode(model, "a cat", seed=0, **SMALL)
+    foreign = type("Cond", (), {"features": torch.zeros(1, 64, 1792)})()
+    with pytest.raises(ValueError, match=r"\(1, 64, 1792\).*same checkpoint"):
+        WeGenConsistencyDecode().decode(model, foreign, seed=0, **SMALL)
+    two = engine.encode(["a", "b"], max_new_tokens=4)
+    with pytest.raises(ValueError, match="cond has 2"):
+        WeGenConsistencyDecode().decode(model, two, seed=0, reference=image(B=3), strength=0.5, **SMALL)
+
+
+# Reconstruct and Understand -----------------------------------------------------------------------
+
+def test_reconstruct_batch_and_seed(model):
+    node, pics = WeGenReconstruct(), image(B=2, H=40, W=56)
+    out = node.reconstruct(model, pics, seed=3, **SMALL)
+    assert len(out) == 1
+    check_image(out[0], 2, 64, 64)
+    assert torch.equal(out[0], node.reconstruct(model, pics, seed=3, **SMALL)[0])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(images=torch.rand(64, 64)), ["images", "(B, H, W, 3)"]),
+    (dict(images="pic.png"), ["images must be an IMAGE"]),
+    (dict(height=0), ["height", "multiple of 8"]),
+])
+def test_reconstruct_bad_inputs(model, kwargs, words):
+    args = {"images": image(), "seed": 0, **SMALL, **kwargs}
+    with pytest.raises(ValueError) as e:
+        WeGenReconstruct().reconstruct(model, **args)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_understand_returns_text_and_shows_it(comfy_host, model):
+    node = WeGenUnderstand()
+    out = node.understand(model, image(B=2), "What is this?", max_new_tokens=6, unique_id="7")
+    assert isinstance(out, tuple) and len(out) == 1 and isinstance(out[0], str)
+    assert out == node.understand(model, image(B=2), "What is this?", max_new_tokens=6)
+    assert comfy_host.texts[0] == ("7", out[0])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(question="  "), ["question is empty"]),
+    (dict(images=None), ["images must be an IMAGE"]),
+    (dict(max_new_tokens=0), ["max_new_tokens", "0"]),
+])
+def test_understand_bad_inputs(model, kwargs, words):
+    args = {"images": image(), "question": "What?", **kwargs}
+    with pytest.raises(ValueError) as e:
+        WeGenUnderstand().understand(model, **args)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+# Progress, previews, interrupts ---------------------------------------------------------------------
+
+def test_progress_bars_over_tokens_and_steps_with_previews(comfy_host, model, cond):
+    WeGenMLLMEncode().encode(model, "a fox", max_new_tokens=4)
+    token_updates = list(comfy_host.updates)
+    assert token_updates[-1][:2] == (65, 65) and all(p is None for *_, p in token_updates)  # 64 slots + </img>
+    comfy_host.updates.clear()
+    WeGenConsistencyDecode().decode(model, cond, seed=0, **{**SMALL, "steps": 5})
+    assert [u[:2] for u in comfy_host.updates] == [(i, 5) for i in range(1, 6)]
+    previews = [p for *_, p in comfy_host.updates]
+    assert [p is not None for p in previews] == [False, True, False, True, True]  # every 2nd step and the last
+    kind, picture, size = previews[1]
+    assert (kind, picture.size, size) == ("JPEG", (8, 8), 512)  # latent resolution
+
+
+def test_no_previews_when_the_host_turns_them_off(monkeypatch, tiny_ckpt, model, cond):
+    import host_stubs
+    import os
+
+    stub = host_stubs.install(monkeypatch, os.path.dirname(os.path.dirname(model.checkpoint)), preview_method="none")
+    WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)
+    assert len(stub.updates) == 2 and all(p is None for *_, p in stub.updates)
+
+
+def _count_calls(module):
+    calls = []
+    return calls, module.register_forward_hook(lambda *a: calls.append(1))
+
+
+@pytest.mark.parametrize("stage", ["denoise", "tokens", "understand", "reconstruct"])
+def test_interrupt_stops_within_one_step(comfy_host, model, cond, engine, stage):
+    comfy_host.interrupt_at_update = 3
+    module = engine.mllm if stage in ("tokens", "understand") else engine.unet
+    calls, hook = _count_calls(module)
+    run = {"denoise": lambda: WeGenConsistencyDecode().decode(model, cond, seed=0, **{**SMALL, "steps": 20}),
+           "tokens": lambda: WeGenMLLMEncode().encode(model, "a fox", max_new_tokens=8),
+           "understand": lambda: WeGenUnderstand().understand(model, image(), "What?", max_new_tokens=50),
+           "reconstruct": lambda: WeGenReconstruct().reconstruct(model, image(), seed=0, **{**SMALL, "steps": 20})}
+    try:
+        with pytest.raises(InterruptProcessingException):
+            run[stage]()
+    finally:
+        hook.remove()
+    assert len(comfy_host.updates) == 3 and comfy_host.updates_after_interrupt == 0
+    assert len(calls) <= 3 + 2  # prefill (tokens) + the 3 reported steps + the one running at the interrupt
+
+
+def test_interrupt_before_a_stage_starts(comfy_host, model, cond):
+    comfy_host.interrupted = True
+    with pytest.raises(InterruptProcessingException):
+        WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)
+    assert comfy_host.updates == []
+
+
+# Memory management ----------------------------------------------------------------------------------
+
+def test_stages_load_their_modules_through_comfy(comfy_host, cond, engine):
+    model = WeGenLoader().load("tiny", "fp32", "gpu")[0]  # "gpu" policy: managed by ModelPatcher
+    WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)
+    WeGenUnderstand().understand(model, image(), "What?", max_new_tokens=2)
+    (decode_patchers, decode_kw), (understand_patchers, understand_kw) = comfy_host.loads
+    assert [p.model.inner for p in decode_patchers] == [engine.unet, engine.vae]
+    assert [p.model.inner for p in understand_patchers] == [engine.eva, engine.mllm]
+    assert decode_kw["force_full_load"] and understand_kw["force_full_load"]
+    assert str(decode_patchers[0].load_device) == "cpu" and str(decode_patchers[0].offload_device) == "cpu"
+    comfy_host.modules["comfy.model_management"].unload_all_models()  # the "Unload models" button
+    assert all(p.detached == 1 for p in decode_patchers + understand_patchers)
+    WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)  # loads again, same patchers
+    assert comfy_host.loads[-1][0] == decode_patchers
+
+
+def test_cpu_policy_bypasses_memory_management(comfy_host, model, cond):
+    WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)
+    assert comfy_host.loads == [] and comfy_host.frees == []
+
+
+def test_placement_per_policy():
+    gpu = type("Host", (), {"mm": type("MM", (), {"get_torch_device": staticmethod(lambda: "cuda:0")}),
+                            "model_patcher": object()})()
+    assert host.placement("gpu", gpu) == ("cuda:0", "none", True)
+    assert host.placement("offload when idle", gpu) == ("cuda:0", "idle", False)
+    assert host.placement("cpu", gpu) == ("cpu", "none", False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert host.placement("gpu", None) == (device, "none", False)
+    assert host.placement("offload when idle", None) == (device, "idle" if device == "cuda" else "none", False)
+    with pytest.raises(ValueError, match="device must be one of"):
+        host.placement("fast", None)
+
+
+def test_out_of_memory_names_the_offload_setting(comfy_host, model):
+    engine = host.load_engine(model)
+    with pytest.raises(torch.OutOfMemoryError, match="offload when idle"):
+        with host.stage(model, engine, "unet"):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+# Without ComfyUI ----------------------------------------------------------------------------------
+
+def test_plain_behaviour_without_comfyui(monkeypatch, tmp_path, tiny_ckpt, cond):
+    import os
+
+    (tmp_path / "models" / "wegen").mkdir(parents=True)
+    os.symlink(tiny_ckpt, tmp_path / "models" / "wegen" / "mine")
+    monkeypatch.chdir(tmp_path)
+    assert host.comfy() is None
+    assert "mine" in WeGenLoader.INPUT_TYPES()["required"]["checkpoint"][0]
+    model = WeGenLoader().load("mine", "fp32", "cpu")[0]
+    out = WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)[0]
+    check_image(out, 1, 64, 64)
+    progress = host.Progress(host.comfy())
+    progress({"stage": "denoise", "i": 1, "total": 1, "x": None})  # no bar, no host: nothing to do
+    assert progress.steps == 1
+    host.show_text("1", "hello")  # no server: nothing happens
+
+
+def test_latent_preview_picture():
+    x = torch.randn(2, 4, 12, 10)
+    picture = host.latent_rgb(x)
+    assert picture.size == (10, 12) and picture.mode == "RGB"
+    assert host.latent_rgb(torch.randn(1, 16, 6, 6)).size == (6, 6)  # non-SDXL latents: channels 0..2
+
+
+def test_pack_imports_the_way_comfyui_loads_it(tmp_path):
+    """ComfyUI imports the pack under its absolute path as module name: relative imports only, nothing heavy."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (
+        "import importlib.util, os, sys\n"
+        "root = sys.argv[1]\n"
+        "name = root.replace('.', '_x_')\n"
+        "spec = importlib.util.spec_from_file_location(name, os.path.join(root, '__init__.py'),\n"
+        "                                              submodule_search_locations=[root])\n"
+        "pack = importlib.util.module_from_spec(spec)\n"
+        "sys.modules[name] = pack\n"
+        "spec.loader.exec_module(pack)\n"
+        "assert not {'torch', 'transformers', 'diffusers'} & set(sys.modules), 'heavy import at pack import'\n"
+        "assert sys.modules[name + '.nodes.host'].wegen('loading').__name__ == name + '.wegen.loading'\n"
+        "assert 'wegen' not in sys.modules and 'nodes' not in sys.modules\n"
+        "print(','.join(sorted(pack.NODE_CLASS_MAPPINGS)), pack.WEB_DIRECTORY)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script, root], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert set(NODE_CLASS_MAPPINGS) == set(out.stdout.split()[0].split(","))

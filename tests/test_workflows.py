@@ -1,0 +1,224 @@
+"""The bundled workflows: UI files well formed and twins of tests/workflows/*.api.json; every API workflow run
+through the node classes in dependency order (stand-in host); the headless runner's rules and errors; the demo."""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from host_stubs import comfy_host  # noqa: F401  (fixture)
+from nodes import NODE_CLASS_MAPPINGS, headless
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+EXPECTED = {"wegen_text_to_image", "wegen_reference_guided", "wegen_understand_then_generate", "wegen_reconstruction"}
+
+
+def ui(name):
+    with open(os.path.join(ROOT, "workflows", f"{name}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def api(name):
+    with open(os.path.join(ROOT, "tests", "workflows", f"{name}.api.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_four_workflows_each_with_an_api_twin():
+    assert set(NAMES) >= EXPECTED
+    twins = {os.path.basename(p)[:-len(".api.json")] for p in glob.glob(os.path.join(ROOT, "tests", "workflows", "*"))}
+    assert twins == set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_is_well_formed(comfy_host, name):
+    wf = ui(name)
+    assert wf["version"] == 0.4 and {"nodes", "links", "groups", "config", "extra"} <= set(wf)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] >= max(nodes)
+    assert wf["last_link_id"] >= max(link[0] for link in wf["links"])
+    allowed = set(NODE_CLASS_MAPPINGS) | set(headless.CORE_STANDINS) | headless.FRONTEND_ONLY_NODES
+    assert {n["type"] for n in wf["nodes"]} <= allowed  # WeGen and core nodes only
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        assert link_id in out["links"] and out["type"] == kind
+        slot = nodes[dst]["inputs"][dst_slot]
+        assert slot["link"] == link_id and slot["type"] in (kind, "*")
+    linked = {slot["link"] for n in wf["nodes"] for slot in n.get("inputs", []) if slot.get("link") is not None}
+    assert linked == {link[0] for link in wf["links"]}
+    for n in wf["nodes"]:
+        if n["type"] not in headless.FRONTEND_ONLY_NODES:
+            assert n["properties"]["Node name for S&R"] == n["type"] and n["mode"] == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_matches_its_api_twin(comfy_host, name):
+    converted = headless.ui_to_api(ui(name))  # checks widget counts and link types against the node classes
+    twin = api(name)
+    assert {k: (v["class_type"], v["inputs"]) for k, v in converted.items()} == \
+           {k: (v["class_type"], v["inputs"]) for k, v in twin.items()}
+    loaders = [n for n in twin.values() if n["class_type"] == "WeGenLoader"]
+    assert loaders and all(n["inputs"]["checkpoint"] == "tiny" for n in loaders)
+
+
+def test_ui_to_api_catches_widget_and_link_drift(comfy_host):
+    wf = ui("wegen_text_to_image")
+    short = copy.deepcopy(wf)
+    decode = next(n for n in short["nodes"] if n["type"] == "WeGenConsistencyDecode")
+    decode["widgets_values"].pop()
+    with pytest.raises(ValueError, match=r"widgets_values has 7 values .* 8 widget slots .*seed \+ control"):
+        headless.ui_to_api(short)
+    retyped = copy.deepcopy(wf)
+    retyped["links"][0][5] = "IMAGE"
+    with pytest.raises(ValueError, match="typed 'IMAGE'"):
+        headless.ui_to_api(retyped)
+    foreign = copy.deepcopy(wf)
+    foreign["nodes"][0]["type"] = "ShowText|pysssss"
+    with pytest.raises(ValueError, match="unknown node type"):
+        headless.ui_to_api(foreign)
+
+
+def test_seed_widgets_get_a_control_value_like_the_frontend():
+    widgets = dict(headless.widgets(NODE_CLASS_MAPPINGS["WeGenConsistencyDecode"]))
+    assert widgets["seed"] is True and widgets["steps"] is False
+    assert dict(headless.widgets(NODE_CLASS_MAPPINGS["WeGenMLLMEncode"]))["seed"] is False  # explicit False wins
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_runs_through_the_node_classes(comfy_host, tmp_path, name):
+    prompt = api(name)
+    for node in prompt.values():  # 2 steps keep the suite fast; the real-host test runs the files unchanged
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = 2
+    order = headless.execution_order(prompt, headless.node_mappings())
+    for i, node_id in enumerate(order):  # dependency order
+        for value in prompt[node_id]["inputs"].values():
+            if isinstance(value, list):
+                assert order.index(value[0]) < i
+    run = headless.run(prompt, str(tmp_path))
+    saved = [img for shown in run.ui.values() for img in shown.get("images", [])]
+    assert saved and all(os.path.isfile(tmp_path / img["subfolder"] / img["filename"]) for img in saved)
+    for node_id, node in prompt.items():
+        if node["class_type"] in ("WeGenConsistencyDecode", "WeGenReconstruct"):
+            (images,) = run.outputs[node_id][0]
+            assert images.dtype == torch.float32 and tuple(images.shape) == (1, 256, 256, 3)
+    assert comfy_host.loads, "the 'gpu' policy loads modules through load_models_gpu"
+
+
+# The runner's rules ---------------------------------------------------------------------------------
+
+class Numbers:
+    RETURN_TYPES = ("INT",)
+    OUTPUT_IS_LIST = (True,)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"n": ("INT", {})}}
+
+    def make(self, n):
+        return (list(range(n)),)
+
+
+class Square:
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "square"
+    calls = []
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"x": ("INT", {})}}
+
+    def square(self, x):
+        Square.calls.append(x)
+        return (x * x,)
+
+
+class Total:
+    RETURN_TYPES = ()
+    INPUT_IS_LIST = True
+    OUTPUT_NODE = True
+    FUNCTION = "total"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"xs": ("INT", {})}}
+
+    def total(self, xs):
+        return {"ui": {"text": [str(sum(xs))]}}
+
+
+MAPPINGS = {"Numbers": Numbers, "Square": Square, "Total": Total}
+
+
+def test_lists_fan_out_like_comfyui(tmp_path):
+    Square.calls.clear()
+    prompt = {"1": {"class_type": "Numbers", "inputs": {"n": 4}},
+              "2": {"class_type": "Square", "inputs": {"x": ["1", 0]}},
+              "3": {"class_type": "Total", "inputs": {"xs": ["2", 0]}},
+              "4": {"class_type": "Square", "inputs": {"x": 9}}}  # no output depends on it: never runs
+    run = headless.run(prompt, str(tmp_path), MAPPINGS)
+    assert Square.calls == [0, 1, 2, 3] and run.outputs["2"] == [[0, 1, 4, 9]]
+    assert run.ui["3"]["text"] == ["14"] and "4" not in run.outputs
+
+
+@pytest.mark.parametrize("prompt, words", [
+    ({"1": {"class_type": "Nope", "inputs": {}}}, ["node 1", "unknown class_type 'Nope'"]),
+    ({"1": {"class_type": "Square", "inputs": {"x": 1}}}, ["no output node"]),
+    ({"1": {"class_type": "Total", "inputs": {}}}, ["node 1 (Total)", "missing required input(s) ['xs']"]),
+    ({"1": {"class_type": "Total", "inputs": {"xs": 1, "y": 2}}}, ["unknown input(s) ['y']"]),
+    ({"1": {"class_type": "Total", "inputs": {"xs": ["5", 0]}}}, ["reads from node 5", "not in the workflow"]),
+    ({"1": {"class_type": "Square", "inputs": {"x": ["2", 0]}},
+      "2": {"class_type": "Square", "inputs": {"x": ["1", 0]}},
+      "3": {"class_type": "Total", "inputs": {"xs": ["1", 0]}}}, ["cycle"]),
+])
+def test_runner_errors_name_the_node(tmp_path, prompt, words):
+    with pytest.raises(ValueError) as e:
+        headless.run(prompt, str(tmp_path), MAPPINGS)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_frontend_only_widget_inputs_are_ignored(tmp_path):
+    prompt = {"1": {"class_type": "PreviewAny", "inputs": {"source": "hi", "preview": "", "previewMode": None}}}
+    assert headless.run(prompt, str(tmp_path)).ui["1"]["text"] == ["hi"]  # what the frontend's Export (API) writes
+
+
+def test_node_errors_keep_their_type_and_name_the_node(comfy_host, tmp_path):
+    prompt = api("wegen_text_to_image")
+    prompt["3"]["inputs"]["strength"] = 0.5  # no reference connected
+    with pytest.raises(ValueError, match="needs a reference") as e:
+        headless.run(prompt, str(tmp_path))
+    assert "in node 3 (WeGenConsistencyDecode)" in getattr(e.value, "__notes__", [""])[0]
+
+
+def test_core_standins(tmp_path):
+    run = headless.Run(str(tmp_path))
+    dest = headless.SolidMask(run).execute(0.0, 8, 6)[0]
+    src = headless.SolidMask(run).execute(1.0, 4, 4)[0]
+    (mask,) = headless.MaskComposite(run).execute(dest, src, 6, 1, "add")
+    assert tuple(mask.shape) == (1, 6, 8) and mask.sum() == 2 * 4 and mask[0, 1:5, 6:8].min() == 1
+    assert headless.PreviewAny(run).main({"a": 1})["ui"]["text"] == ('{\n    "a": 1\n}',)
+    shown = headless.SaveImage(run).save_images(torch.rand(2, 8, 8, 3), "sub/pic")["ui"]["images"]
+    assert [s["filename"] for s in shown] == ["pic_00001_.png", "pic_00002_.png"]
+    assert os.path.isfile(tmp_path / "sub" / "pic_00002_.png")
+    with pytest.raises(ValueError, match="filename_prefix"):
+        headless.SaveImage(run).save_images(torch.rand(1, 8, 8, 3), "../escape")
+
+
+# The demo: the product's main job ------------------------------------------------------------------
+
+def test_demo_runs_the_bundled_workflows(tmp_path, tiny_ckpt):
+    from wegen.demo import run_demo
+
+    out = tmp_path / "demo"
+    assert run_demo(tiny_ckpt, str(out), steps=2) == str(out / "index.html")
+    index = (out / "index.html").read_text(encoding="utf-8")
+    for name in EXPECTED:
+        assert name.replace("_", " ") in index
+    shown = re.findall(r'<img src="([^"]+\.png)"', index)
+    assert len(shown) >= 8 and all(os.path.isfile(out / src) for src in shown)

@@ -1,0 +1,524 @@
+"""Batch-queue a ComfyUI workflow on running ComfyUI servers over HTTP (stdlib only). EXTENSION.
+
+`python -m wegen queue WORKFLOW.json --server URL [--server URL ...] [--set NODE.INPUT=v1,v2,...]`
+spreads one workflow, expanded into jobs, over one or more ComfyUI machines, waits, downloads every
+output, and resumes where it stopped. It speaks ComfyUI 0.8.0's HTTP API (shared/reference/
+comfyui-host-contract.md, section 1.10) and never imports ComfyUI:
+  POST /prompt {prompt, client_id} -> {prompt_id} (400 + node_errors when validation fails)
+  GET /history/<id> -> {id: {outputs: {node: {images: [{filename, subfolder, type}], ...}}, status}}
+  GET /queue -> {queue_running, queue_pending}   GET /view?filename&subfolder&type -> bytes
+  GET /object_info -> node classes (input specs and input_order), needed to convert UI workflows.
+
+Workflows: API format ({id: {class_type, inputs}}) is sent as is. UI format (what the editor saves:
+nodes + links + positional widgets_values) is converted here the way the editor's "Export (API)" does:
+widget values are matched to the class's widget inputs in input_order (required, then optional); the
+editor's extra widget after a control_after_generate input (fixed/increment/decrement/randomize; INT
+inputs named seed / noise_seed get one unless their spec says False) and after an upload combo is skipped; links become
+[source_id, slot]; Reroute nodes are followed, PrimitiveNode values inlined, Note nodes and muted
+nodes (mode 2) dropped, bypassed nodes (mode 4) wired through by type. Subgraphs are refused (export
+those in API format). Seeds are sent as saved: "randomize" only acts in the editor.
+
+--set NODE.INPUT=v1,v2,...: NODE is a node id, a title (_meta.title) or a class_type that is unique;
+INPUT must be a widget input of that node. Values are cast to the type of the value already there
+("\\," escapes a comma). Several --set options give their cartesian product (the last varies fastest).
+
+Jobs go to the servers round-robin, at most `max_pending` queued on each at a time. Each finished job's
+files land in OUT/job_NNNN/ with outputs.json; OUT/queue_state.json records every job by a hash of its
+prompt, so a rerun skips finished jobs, keeps waiting for jobs still queued on their server, and
+resubmits the rest. An unreachable server is a RemoteError (a ValueError: one line, exit code 2).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+log = logging.getLogger(__name__)
+
+STATE = "queue_state.json"
+FORMAT = "wegen-queue/1"
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # editor-side nodes, never sent
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+SEED_NAMES = {"seed", "noise_seed"}  # the editor adds control_after_generate to these INT inputs
+MODE_MUTED, MODE_BYPASS = 2, 4
+
+
+class RemoteError(ValueError):
+    """A server could not be reached, refused a request, or sent something unexpected."""
+
+
+# HTTP --------------------------------------------------------------------------------------------
+
+class Server:
+    """One ComfyUI server's HTTP API."""
+
+    def __init__(self, url: str, timeout: float = 30.0):
+        parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"--server must be an http(s) URL such as http://127.0.0.1:8188, got {url!r}")
+        self.url = f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
+        self.timeout = timeout
+        self._object_info = None
+
+    def _request(self, method: str, path: str, params=None, body=None) -> bytes:
+        url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        req = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as e:
+            raise _http_error(self.url, method, path, e) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise RemoteError(f"cannot reach ComfyUI at {self.url} ({method} {path}): {reason}; is the server "
+                              f"running, and listening on that address?") from None
+
+    def get_json(self, path: str, params=None):
+        raw = self._request("GET", path, params)
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise RemoteError(f"{self.url}{path} did not answer JSON; is this a ComfyUI server?") from None
+
+    def ping(self):
+        self.queue_ids()
+
+    def object_info(self) -> dict:
+        if self._object_info is None:
+            self._object_info = self.get_json("/object_info")
+        return self._object_info
+
+    def submit(self, prompt: dict, client_id: str) -> str:
+        raw = self._request("POST", "/prompt", body={"prompt": prompt, "client_id": client_id})
+        answer = json.loads(raw)
+        if "prompt_id" not in answer:
+            raise RemoteError(f"{self.url} accepted a prompt but returned no prompt_id: {answer}")
+        return answer["prompt_id"]
+
+    def history(self, prompt_id: str) -> dict | None:
+        """The finished entry of prompt_id, or None while it is queued or running (or unknown)."""
+        return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+
+    def queue_ids(self) -> set:
+        q = self.get_json("/queue")
+        return {item[1] for key in ("queue_running", "queue_pending") for item in q.get(key, [])
+                if isinstance(item, (list, tuple)) and len(item) > 1}
+
+    def view(self, filename: str, subfolder: str, kind: str) -> bytes:
+        return self._request("GET", "/view", {"filename": filename, "subfolder": subfolder, "type": kind})
+
+
+def _http_error(url, method, path, e: urllib.error.HTTPError) -> RemoteError:
+    try:
+        detail = json.loads(e.read() or b"{}")
+    except (json.JSONDecodeError, OSError):
+        detail = {}
+    if isinstance(detail, dict) and "error" in detail:
+        err = detail["error"]
+        msg = err.get("message", err) if isinstance(err, dict) else err
+        nodes = [f"node {nid} ({v.get('class_type')}): " + "; ".join(x.get("message", "") + " " + x.get("details", "")
+                                                                      for x in v.get("errors", []))
+                 for nid, v in (detail.get("node_errors") or {}).items()]
+        return RemoteError(f"{url} refused {method} {path} (HTTP {e.code}): {msg}" +
+                           (f" [{' | '.join(nodes)}]" if nodes else ""))
+    return RemoteError(f"{url} answered {method} {path} with HTTP {e.code} {e.reason}")
+
+
+# Workflows ---------------------------------------------------------------------------------------
+
+def load_workflow(path: str) -> tuple[dict, str]:
+    """A workflow file -> (dict, "api" | "ui")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"workflow not found: {os.path.abspath(path)}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            wf = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read workflow {path}: {e}") from e
+    if isinstance(wf, dict) and isinstance(wf.get("nodes"), list):
+        return wf, "ui"
+    if isinstance(wf, dict) and wf and all(isinstance(v, dict) and "class_type" in v for v in wf.values()):
+        return wf, "api"
+    raise ValueError(f"{path} is neither a UI-format workflow (with 'nodes' and 'links') nor an API-format "
+                     f"prompt ({{id: {{class_type, inputs}}}})")
+
+
+def _links(ui: dict) -> dict:
+    """link id -> (origin node, origin slot), from list links [id, from, slot, to, slot, type] or dict links."""
+    out = {}
+    for link in ui.get("links") or []:
+        if isinstance(link, dict):
+            out[link["id"]] = (link["origin_id"], link["origin_slot"])
+        else:
+            out[link[0]] = (link[1], link[2])
+    return out
+
+
+def _spec_opts(spec) -> dict:
+    return spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+    return not _spec_opts(spec).get("forceInput") and (isinstance(kind, list) or kind in WIDGET_TYPES)
+
+
+def widget_names(info: dict) -> list[tuple[str, object]]:
+    """(name, spec) of a class's widget inputs in the editor's order: input_order required, then optional."""
+    inputs = info.get("input", {})
+    order = info.get("input_order") or {sect: list(inputs.get(sect, {})) for sect in ("required", "optional")}
+    out = []
+    for sect in ("required", "optional"):
+        specs = inputs.get(sect, {})
+        out += [(n, specs[n]) for n in order.get(sect, []) if n in specs and _is_widget(specs[n])]
+    return out
+
+
+def widget_values(node: dict, info: dict) -> dict:
+    """A UI node's widgets_values (positional, or a dict) -> {input name: value}."""
+    names = widget_names(info)
+    values = node.get("widgets_values") or []
+    if isinstance(values, dict):
+        return {n: values[n] for n, _ in names if n in values}
+    out, i = {}, 0
+    for j, (name, spec) in enumerate(names):
+        if i >= len(values):
+            break
+        out[name] = values[i]
+        i += 1
+        opts, remaining = _spec_opts(spec), len(names) - j - 1
+        control = opts.get("control_after_generate", name in SEED_NAMES and spec[0] == "INT")
+        upload = any(k.endswith("_upload") and v for k, v in opts.items())
+        if i < len(values) and ((control and values[i] in CONTROL_VALUES) or
+                                (upload and len(values) - i > remaining)):
+            i += 1  # the editor's extra widget: control_after_generate or the upload button
+    return out
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """UI-format workflow -> API-format prompt, using the server's /object_info (see module docstring)."""
+    if (ui.get("definitions") or {}).get("subgraphs"):
+        raise ValueError("this workflow uses subgraphs, which queue cannot convert; export it with "
+                         "'Export (API)' in ComfyUI and queue that file")
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = _links(ui)
+    api = {}
+    for nid in sorted(nodes, key=_sort_key):
+        node = nodes[nid]
+        kind = node.get("type")
+        if kind in FRONTEND_ONLY or node.get("mode", 0) in (MODE_MUTED, MODE_BYPASS):
+            continue
+        if kind not in object_info:
+            raise ValueError(f"node {nid} is of type {kind!r}, which the server does not have (not in its "
+                             f"/object_info); install that node pack there or remove the node")
+        inputs = widget_values(node, object_info[kind])
+        for inp in node.get("inputs") or []:
+            name = (inp.get("widget") or {}).get("name", inp.get("name"))
+            if inp.get("link") is None:
+                continue
+            source = _source(nodes, links, inp["link"], set())
+            if source is None:
+                inputs.pop(name, None)
+            elif isinstance(source, tuple):  # a PrimitiveNode's value
+                inputs[name] = source[1]
+            else:
+                inputs[name] = source
+        title = node.get("title") or object_info[kind].get("display_name") or kind
+        api[str(nid)] = {"class_type": kind, "inputs": inputs, "_meta": {"title": title}}
+    if not api:
+        raise ValueError("the workflow has no node to run")
+    return api
+
+
+def _sort_key(nid):
+    return (0, int(nid), "") if str(nid).isdigit() else (1, 0, str(nid))
+
+
+def _source(nodes: dict, links: dict, link_id, seen: set):
+    """Where a link really comes from: [id, slot], ("value", v) for a PrimitiveNode, None if nothing."""
+    if link_id not in links or link_id in seen:
+        return None
+    seen.add(link_id)
+    origin, slot = links[link_id]
+    node = nodes.get(origin)
+    if node is None or node.get("mode", 0) == MODE_MUTED:
+        return None
+    if node.get("type") == "Reroute":
+        ins = node.get("inputs") or []
+        return _source(nodes, links, ins[0].get("link"), seen) if ins else None
+    if node.get("type") == "PrimitiveNode":
+        values = node.get("widgets_values") or [None]
+        return ("value", values[0])
+    if node.get("mode", 0) == MODE_BYPASS:
+        outs = node.get("outputs") or []
+        kind = outs[slot].get("type") if slot < len(outs) else None
+        for inp in node.get("inputs") or []:
+            if inp.get("type") == kind and inp.get("link") is not None:
+                return _source(nodes, links, inp["link"], seen)
+        return None
+    return [str(origin), slot]
+
+
+# --set and jobs ----------------------------------------------------------------------------------
+
+def parse_set(text: str) -> tuple[str, str, list[str]]:
+    """"NODE.INPUT=v1,v2" -> (NODE, INPUT, ["v1", "v2"]); "\\," keeps a comma inside a value."""
+    left, eq, right = str(text).partition("=")
+    node, dot, name = left.strip().rpartition(".")
+    if not eq or not dot or not node or not name:
+        raise ValueError(f"--set must look like NODE.INPUT=v1,v2,... (NODE: node id or title), got {text!r}")
+    values = [v.replace("\0", ",") for v in right.replace("\\,", "\0").split(",")]
+    if right.strip() == "" or any(v == "" for v in values):
+        raise ValueError(f"--set {left}: give one or more comma-separated values, got {right!r}")
+    return node.strip(), name.strip(), values
+
+
+def find_node(api: dict, ref: str) -> str:
+    """Node id for a --set NODE: an id, else a unique title, else a unique class_type."""
+    if ref in api:
+        return ref
+    for field in ("title", "class_type"):
+        ids = [i for i, n in api.items()
+               if (n.get("_meta", {}).get("title") if field == "title" else n.get("class_type")) == ref]
+        if len(ids) == 1:
+            return ids[0]
+        if len(ids) > 1:
+            raise ValueError(f"--set node {ref!r} is ambiguous: {field} of nodes {', '.join(ids)}; use the node id")
+    known = ", ".join(f"{i} ({n.get('_meta', {}).get('title') or n.get('class_type')})" for i, n in api.items())
+    raise ValueError(f"--set node {ref!r} is not in the workflow; nodes: {known}")
+
+
+def cast_value(text: str, current, where: str):
+    """A --set value as the type of the value it replaces."""
+    try:
+        if isinstance(current, bool):
+            if text.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.strip().lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"--set {where}: {text!r} is not a valid {type(current).__name__} "
+                         f"(the input holds {current!r})") from None
+    return text
+
+
+def expand_jobs(api: dict, sets: list[tuple[str, str, list[str]]]) -> list[tuple[dict, dict]]:
+    """API prompt + parsed --set options -> [(overrides, prompt)], the cartesian product in order."""
+    axes = []
+    for ref, name, values in sets:
+        nid = find_node(api, ref)
+        inputs = api[nid].get("inputs", {})
+        if name not in inputs:
+            raise ValueError(f"--set {ref}.{name}: node {nid} ({api[nid]['class_type']}) has no input {name!r}; "
+                             f"its inputs: {', '.join(inputs) or 'none'}")
+        current = inputs[name]
+        if isinstance(current, list) and len(current) == 2 and isinstance(current[0], str):
+            raise ValueError(f"--set {ref}.{name}: that input is linked to node {current[0]}; --set only "
+                             f"changes widget values")
+        axes.append([(nid, name, f"{ref}.{name}", cast_value(v, current, f"{ref}.{name}")) for v in values])
+    jobs = []
+    for combo in itertools.product(*axes):
+        prompt = copy.deepcopy(api)
+        overrides = {}
+        for nid, name, label, value in combo:
+            prompt[nid]["inputs"][name] = value
+            overrides[label] = value
+        jobs.append((overrides, prompt))
+    return jobs
+
+
+def job_key(prompt: dict) -> str:
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+
+
+# The queue ---------------------------------------------------------------------------------------
+
+def check_queue_inputs(servers, max_pending, timeout, poll):
+    if not servers:
+        raise ValueError("give at least one --server URL (e.g. http://127.0.0.1:8188)")
+    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+        raise ValueError(f"max_pending (jobs queued per server at a time) must be >= 1, got {max_pending!r}")
+    if not timeout > 0:
+        raise ValueError(f"timeout (seconds per job) must be > 0, got {timeout!r}")
+    if not poll > 0:
+        raise ValueError(f"poll (seconds between checks) must be > 0, got {poll!r}")
+
+
+def run_queue(workflow: str, servers: list[str], sets: list[str] = (), out_dir: str = os.path.join("output", "queue"),
+              *, max_pending: int = 2, timeout: float = 3600.0, poll: float = 0.5, report=None) -> dict:
+    """Queue every job of `workflow` x `sets` on `servers`, wait, download outputs; resumable. Extension.
+
+    report(record) is called once per job as it finishes (or is skipped as already done).
+    Returns {"jobs", "done", "skipped", "failed", "out", "errors"}.
+    """
+    # 1) check inputs, reach every server, build the jobs
+    from .images import check_writable
+
+    check_queue_inputs(servers, max_pending, timeout, poll)
+    parsed = [parse_set(s) for s in sets]
+    conns = [Server(u) for u in servers]
+    wf, kind = load_workflow(workflow)
+    for s in conns:
+        s.ping()
+    api = wf if kind == "api" else ui_to_api(wf, conns[0].object_info())
+    jobs = expand_jobs(api, parsed)
+    keys = [job_key(prompt) for _, prompt in jobs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("--set repeats a value: two jobs would be the same prompt; give each value once")
+    check_writable(out_dir, is_dir=True)
+    state = _load_state(out_dir, workflow)
+    report = report or _no_report
+
+    # 2) sort jobs: finished (skip), still queued on their server (wait), the rest (submit)
+    by_url = {s.url: s for s in conns}
+    pending, in_flight, summary = [], [], {"jobs": len(jobs), "done": 0, "skipped": 0, "failed": 0,
+                                           "out": out_dir, "errors": []}
+    for index, (overrides, prompt) in enumerate(jobs):
+        key = job_key(prompt)
+        rec = state["jobs"].setdefault(key, {})
+        rec.update(index=index, overrides=overrides)
+        if rec.get("status") == "done" and all(os.path.isfile(os.path.join(out_dir, f)) for f in rec["files"]):
+            summary["skipped"] += 1
+            report({**rec, "skipped": True})
+        elif rec.get("status") == "submitted" and _still_known(by_url.get(rec.get("server")), rec["prompt_id"]):
+            rec["since"] = time.time()
+            in_flight.append((key, prompt))
+        else:
+            rec.update(status="pending", server=None, prompt_id=None)
+            pending.append((key, prompt))
+    _save_state(out_dir, state)
+
+    # 3) submit round-robin within max_pending per server, poll, download
+    client_id = uuid.uuid4().hex
+    turn = itertools.cycle(range(len(conns)))
+    while pending or in_flight:
+        pending = _submit_some(conns, turn, pending, in_flight, state, max_pending, client_id)
+        _save_state(out_dir, state)
+        still = []
+        for key, prompt in in_flight:
+            rec = state["jobs"][key]
+            entry = by_url[rec["server"]].history(rec["prompt_id"])
+            if entry is not None:
+                _collect(by_url[rec["server"]], entry, rec, out_dir, summary)
+                report(rec)
+            elif time.time() - rec["since"] > timeout:
+                msg = (f"job {rec['index']} still unfinished on {rec['server']} after {timeout:g} s; "
+                       f"rerun to keep waiting")
+                summary["failed"] += 1
+                summary["errors"].append(msg)
+                report({**rec, "error": msg})
+            else:
+                still.append((key, prompt))
+        in_flight = still
+        _save_state(out_dir, state)
+        if in_flight:
+            time.sleep(poll)
+    return summary
+
+
+def _no_report(record):
+    return None
+
+
+def _still_known(server, prompt_id) -> bool:
+    """A job submitted by an earlier run that its server still holds (queued, running or finished)."""
+    if server is None or not prompt_id:
+        return False
+    return prompt_id in server.queue_ids() or server.history(prompt_id) is not None
+
+
+def _submit_some(conns, turn, pending, in_flight, state, max_pending, client_id):
+    """Submit pending jobs to servers in round-robin order while they have room; returns what is left."""
+    load = {s.url: 0 for s in conns}
+    for key, _ in in_flight:
+        load[state["jobs"][key]["server"]] = load.get(state["jobs"][key]["server"], 0) + 1
+    pending = list(pending)
+    while pending and any(load[s.url] < max_pending for s in conns):
+        server = conns[next(turn)]
+        if load[server.url] >= max_pending:
+            continue
+        key, prompt = pending.pop(0)
+        rec = state["jobs"][key]
+        rec.update(status="submitted", server=server.url, prompt_id=server.submit(prompt, client_id),
+                   since=time.time())
+        load[server.url] += 1
+        in_flight.append((key, prompt))
+    return pending
+
+
+def _collect(server: Server, entry: dict, rec: dict, out_dir: str, summary: dict):
+    """A finished history entry -> files in OUT/job_NNNN/, outputs.json, and the job's state."""
+    status = entry.get("status") or {}
+    if status.get("status_str") == "error" or status.get("completed") is False:
+        rec.update(status="failed", error=_execution_error(status))
+        summary["failed"] += 1
+        summary["errors"].append(f"job {rec['index']} failed on {server.url}: {rec['error']}")
+        return
+    folder = f"job_{rec['index']:04d}"
+    os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+    files, texts = [], {}
+    for node_id, outputs in (entry.get("outputs") or {}).items():
+        for key, values in outputs.items():
+            for v in values if isinstance(values, list) else []:
+                if isinstance(v, dict) and "filename" in v:
+                    name = os.path.join(folder, _safe_name(f"{node_id}-{v['filename']}"))
+                    data = server.view(v["filename"], v.get("subfolder", ""), v.get("type", "output"))
+                    with open(os.path.join(out_dir, name), "wb") as f:
+                        f.write(data)
+                    files.append(name)
+                elif not isinstance(v, dict):
+                    texts.setdefault(node_id, {}).setdefault(key, []).append(v)
+    with open(os.path.join(out_dir, folder, "outputs.json"), "w", encoding="utf-8") as f:
+        json.dump({"overrides": rec["overrides"], "server": server.url, "prompt_id": rec["prompt_id"],
+                   "files": files, "values": texts}, f, indent=1, ensure_ascii=False)
+    rec.update(status="done", files=files, error=None)
+    summary["done"] += 1
+
+
+def _execution_error(status: dict) -> str:
+    for msg in status.get("messages") or []:
+        if isinstance(msg, (list, tuple)) and len(msg) == 2 and msg[0] in ("execution_error", "execution_interrupted"):
+            d = msg[1] or {}
+            where = f"{msg[0]} in node {d.get('node_id')} ({d.get('node_type')})"
+            return f"{where}: {d.get('exception_message', '')}".strip()
+    return f"status {status.get('status_str')!r}"
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(name)).lstrip(".") or "output"
+
+
+def _load_state(out_dir: str, workflow: str) -> dict:
+    path = os.path.join(out_dir, STATE)
+    if not os.path.isfile(path):
+        return {"format": FORMAT, "workflow": os.path.abspath(workflow), "jobs": {}}
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the queue state {path}: {e}; move it away to start over") from e
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} queue state; use another --out")
+    return state
+
+
+def _save_state(out_dir: str, state: dict):
+    tmp = os.path.join(out_dir, STATE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, os.path.join(out_dir, STATE))
