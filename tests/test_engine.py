@@ -223,3 +223,17 @@ def test_bad_engine_inputs(engine):
         engine.decode(torch.zeros(1, 64, 112), seed=-1, steps=1, width=64, height=64)
     with pytest.raises(RuntimeError, match="no image"):
         engine.encode("x", force_image=False, max_new_tokens=3)
+
+
+def test_text_only_mode_bans_the_whole_image_block(engine):
+    ids = engine.image_ids
+    logits = torch.zeros(engine.tokenizer.vocab_size)
+    official = mllm.mask_image_ids(logits, ids, allow_image=True)
+    assert float(official[ids.slots[3]]) == 0.0 and float(official[ids.end]) == 0.0
+    banned = mllm.mask_image_ids(logits, ids, allow_image=False)
+    for token in (ids.start, ids.end, *ids.slots):
+        assert banned[token] == float("-inf")
+    result = mllm.decode(engine.mllm, [_ids(engine, "describe", force_image=False)], [None], ids,
+                         mllm.DecodeSettings(max_new_tokens=30, temperature=5.0, allow_image=False), 2,
+                         [torch.Generator().manual_seed(0)])[0]
+    assert not set(result.ids) & {ids.start, ids.end, *ids.slots}

@@ -115,12 +115,17 @@ def forced_next(prev_id: int, ids: ImageTokenIds) -> int | None:
 
 
 def mask_image_ids(logits: torch.Tensor, ids: ImageTokenIds, allow_image: bool) -> torch.Tensor:
-    """Release rule in text mode: slot ids and </img> scored 0.0 (not -inf); <img> banned if not allow_image."""
+    """Release rule in text mode: slot ids and </img> scored 0.0 (not -inf).
+
+    allow_image=False (understanding, rewriting; an extension) bans the whole image block instead: a
+    sampled slot id would otherwise force the rest of a 66-token block into a text answer.
+    """
     logits = logits.clone()
-    logits[..., list(ids.slots)] = 0.0
-    logits[..., ids.end] = 0.0
-    if not allow_image:
-        logits[..., ids.start] = float("-inf")
+    block = [*ids.slots, ids.end]
+    if allow_image:
+        logits[..., block] = 0.0
+    else:
+        logits[..., block + [ids.start]] = float("-inf")
     return logits
 
 
