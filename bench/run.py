@@ -46,6 +46,9 @@ SWEEP_PROMPTS = ("a red fox in a snowy forest", "a castle on a mountain at night
 CHAT_MESSAGES = ("a house near a river", "make the sky more purple", "add a small boat on the river",
                  "change the house to a castle", "make it night with a bright moon")
 FULL_MIN_GPU_GB = 40
+# Issue 5's targets at the official dimensions on one H100/H200: figure -> most "ours" may take (s or GB).
+TARGETS = {"image-token decode (B=1)": 0.35, "full turn": 2.0, "sweep of 8 (B=8 vs 8 x B=1)": 12.0,
+           "peak memory": 16.0}
 
 
 # Setup ---------------------------------------------------------------------------------------------
@@ -170,7 +173,10 @@ class Bench:
 
     def figure(self, name: str, stock_fn, ours_fn, note: str = "", stock_s: float | None = None,
                repeats: int | None = None) -> dict:
-        """Warm up, then interleave stock and ours; record medians. stock_fn=None: stock_s is given (derived)."""
+        """Warm up (first calls capture graphs / compile), then interleave stock and ours; record medians.
+
+        stock_fn=None: stock_s is given (a derived figure) and only ours is timed.
+        """
         repeats = repeats or self.args.repeats
         warm = {"stock": [], "ours": []}
         for _ in range(max(1, self.args.warmup)):
@@ -185,15 +191,17 @@ class Bench:
             if self.args.budget_s is not None:  # shrink to what the budget still holds
                 n = max(1, min(repeats, int(max(0.0, self.left_s() - self.reserve_s) // max(pair, 1e-9))))
             times = {"stock": [], "ours": []}
-            for _ in range(n):
-                if stock_fn is not None:
-                    times["stock"].append(self.timed(stock_fn))
-                times["ours"].append(self.timed(ours_fn))
+            for k in range(n):  # interleaved, alternating which path goes first
+                order = (("stock", stock_fn), ("ours", ours_fn)) if k % 2 == 0 else \
+                    (("ours", ours_fn), ("stock", stock_fn))
+                for path, fn in order:
+                    if fn is not None:
+                        times[path].append(self.timed(fn))
         s = statistics.median(times["stock"]) if times["stock"] else stock_s
         o = statistics.median(times["ours"])
         row = {"name": name, "stock_s": s, "ours_s": o, "ratio": (s / o) if s and o else None, "unit": "s",
                "repeats": len(times["ours"]), "stock_times": times["stock"], "ours_times": times["ours"],
-               "note": note}
+               "warmup_times": warm, "note": note}
         return self.add(row)
 
     def add(self, row: dict) -> dict:
@@ -203,6 +211,18 @@ class Bench:
                  f" -> {ratio} {row.get('note', '')}")
         self.write()
         return row
+
+    def targets(self) -> list:
+        """Issue 5's targets against this run's figures (meaningful for --size full on one GPU only)."""
+        if self.args.size != "full":
+            return []
+        out = []
+        for f in self.figures:
+            limit = TARGETS.get(f["name"])
+            if limit is not None and f.get("ours_s") is not None:
+                out.append({"name": f["name"], "ours": f["ours_s"], "target": limit, "unit": f["unit"],
+                            "met": f["ours_s"] <= limit})
+        return out
 
     def annotate(self, row: dict, text: str):
         """Append to a figure's note what is only known after it ran (which fast path was taken)."""
@@ -231,7 +251,8 @@ class Bench:
                "threads": torch.get_num_threads(), "clock": "cuda events" if self.cuda else a.clock, "dtype": str(e.dtype).replace("torch.", ""),
                "image_size": self.side, "steps": a.steps, "repeats": a.repeats, "quick": a.quick,
                "compile": a.compile, "fastpath": fastpath.describe(e.mllm, e.unet),
-               "versions": _versions(), "figures": self.figures, "checks": self.checks}
+               "versions": _versions(), "figures": self.figures, "checks": self.checks,
+               "targets": self.targets()}
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         tmp = a.json + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -275,6 +296,11 @@ def markdown_table(doc: dict) -> str:
         ratio = f"{f['ratio']:.2f}x" if f.get("ratio") else "n/a"
         lines.append(f"| {f['name']} | {_fmt(f['stock_s'], f['unit'])} | {_fmt(f['ours_s'], f['unit'])} | {ratio} "
                      f"| {f.get('repeats', '')} | {f.get('note', '')} |")
+    if doc.get("targets"):
+        lines += ["", "| target (issue 5) | ours | at most | met |", "|---|---|---|---|"]
+        for t in doc["targets"]:
+            lines.append(f"| {t['name']} | {_fmt(t['ours'], t['unit'])} | {_fmt(t['target'], t['unit'])} "
+                         f"| {'yes' if t['met'] else 'NO'} |")
     if doc["checks"]:
         lines += ["", "| check | max abs diff | reference max | finite |", "|---|---|---|---|"]
         for c in doc["checks"]:
@@ -315,11 +341,27 @@ def fig_unet(b: Bench):
 
     row = b.figure(FIGURES[2], lambda: stock.denoise(b.sm, feats, 0, a.steps, 2.0, b.side, b.side), ours,
                    note=f"B=1, CFG 2 (batch 2), {b.side}px")
-    b.annotate(row, f"ours: channels-last, {fastpath.describe(unet=e.unet)['unet']}, "
+    b.annotate(row, f"ours: {_layout(e.unet)}, {fastpath.describe(unet=e.unet)['unet']}, "
                     f"compile {fastpath.SETTINGS.compile}")
     b.check("UNet latents: ours vs stock", ours(), stock.denoise(b.sm, feats, 0, a.steps, 2.0, b.side, b.side))
     b.latents = ours()
+    # what channels-last adds to the graphs (not under compile: that would compile the NCHW copy too)
+    if b.cuda and fastpath.SETTINGS.compile == "off" and b.left_s() > b.reserve_s + 6 * row["ours_s"]:
+        def nchw():
+            with torch.inference_mode():
+                return decoder.generate(b.sm.unet, e.vae, e.scheduler, e.decoder_cfg, feats, [0], steps=a.steps,
+                                        guidance_scale=2.0, width=b.side, height=b.side, output="latents")
+
+        nchw()
+        row["ours_nchw_s"] = statistics.median(b.timed(nchw) for _ in range(3))
+        fastpath.release(b.sm.unet)
+        b.annotate(row, f"the same graphs on the NCHW UNet: {_fmt(row['ours_nchw_s'], 's')}")
     return row
+
+
+def _layout(module) -> str:
+    conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+    return "channels-last" if conv.weight.is_contiguous(memory_format=torch.channels_last) else "NCHW"
 
 
 def fig_vae(b: Bench):
@@ -334,7 +376,7 @@ def fig_vae(b: Bench):
             return decoder.decode_latents(e.vae, e.decoder_cfg, latents)
 
     row = b.figure(FIGURES[3], lambda: stock.vae_decode(b.sm, latents), ours,
-                   note=f"stock fp32; ours {str(e.vae.dtype).replace('torch.', '')}, channels-last")
+                   note=f"stock fp32; ours {str(e.vae.dtype).replace('torch.', '')}, {_layout(e.vae)}")
     b.check("VAE pixels: ours vs stock fp32", ours(), stock.vae_decode(b.sm, latents))
     return row
 

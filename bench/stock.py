@@ -23,8 +23,8 @@ from wegen import decoder, loading, mllm, prompting, vision
 @dataclass
 class StockModel:
     mllm: torch.nn.Module  # shared with the engine (the stock path never changes it)
-    unet: torch.nn.Module  # own NCHW copy (the engine's UNet is channels-last)
-    vae32: torch.nn.Module  # own float32 NCHW copy
+    unet: torch.nn.Module  # own NCHW copy (a CUDA engine's UNet is channels-last)
+    vae32: torch.nn.Module  # own float32 NCHW copy (the engine's VAE is channels-last)
     scheduler: object  # own EulerDiscreteScheduler (it keeps a step index)
     cfg: decoder.DecoderConfig
     image_ids: prompting.ImageTokenIds

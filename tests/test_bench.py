@@ -17,6 +17,15 @@ from wegen import decoder, loading, prompting
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small ops on a shared 2-core machine: one intra-op thread is several times faster (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def quick_run(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
@@ -105,3 +114,17 @@ def test_gpu_script_is_valid_bash_under_2000_chars():
     path = os.path.join(ROOT, "bench", "gpu.sh")
     assert subprocess.run(["bash", "-n", path], check=False).returncode == 0
     assert "--size full" in open(path, encoding="utf-8").read()
+
+
+def test_markdown_table_lists_targets_and_gb_rows():
+    doc = {"device": "NVIDIA H100", "size": "full", "dtype": "bfloat16", "image_size": 1024, "steps": 50,
+           "torch": "2.11", "threads": 16, "clock": "cuda events", "fastpath": {"decode": "static cache + CUDA graphs"},
+           "figures": [{"name": "peak memory", "stock_s": 31.0, "ours_s": 14.0, "ratio": 31 / 14, "unit": "GB",
+                        "repeats": 1, "note": ""}],
+           "targets": [{"name": "image-token decode (B=1)", "ours": 0.3, "target": 0.35, "unit": "s", "met": True},
+                       {"name": "full turn", "ours": 2.5, "target": 2.0, "unit": "s", "met": False}],
+           "checks": []}
+    table = run.markdown_table(doc)
+    assert "| peak memory | 31.00 GB | 14.00 GB | 2.21x | 1 |" in table
+    assert "| image-token decode (B=1) | 300.0 ms | 350.0 ms | yes |" in table
+    assert "| full turn | 2.50 s | 2.00 s | NO |" in table

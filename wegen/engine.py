@@ -97,7 +97,7 @@ class WeGenEngine:
         self.scheduler = loading.build_scheduler(parts.scheduler_config)
         self._eva = None  # built on first use: only image inputs need it
         self.lock = threading.RLock()
-        fastpath.prepare_decoder_modules(self.unet, self.vae)
+        fastpath.prepare_decoder_modules(self.unet, self.vae, self.device)
         for m in (self.mllm, self.unet, self.vae):
             m.eval().requires_grad_(False)
             if offload == "spread" and m is self.mllm:
