@@ -28,3 +28,14 @@ def engine(tiny_ckpt):
     from wegen.engine import WeGenEngine
 
     return WeGenEngine.load(tiny_ckpt, dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small ops on a shared 2-core machine: one intra-op thread is several times faster (restored after)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,7 @@ from wegen import engine as engine_mod
 from wegen.engine import WeGenEngine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on a shared 2-core machine: one intra-op thread is several times faster (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(engine, prompt, force_image=True, history=None, task="generate"):
@@ -305,15 +299,16 @@ def test_prepare_decoder_modules_layout_rule():
     def conv():
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
 
-    for device, unet_cl in (("cpu", False), ("cuda", True)):
+    cl = torch.channels_last
+    for device, vae_cl in (("cpu", True), ("cuda", False)):
         unet, vae = conv(), conv()
         fastpath.prepare_decoder_modules(unet, vae, device)
-        assert vae[0].weight.is_contiguous(memory_format=torch.channels_last)
-        assert unet[0].weight.is_contiguous(memory_format=torch.channels_last) is unet_cl
+        assert vae[0].weight.is_contiguous(memory_format=cl) is vae_cl
+        assert not unet[0].weight.is_contiguous(memory_format=cl)
     unet, vae = conv(), conv()
     with fastpath.settings(enabled=False):
-        fastpath.prepare_decoder_modules(unet, vae, "cuda")
-    assert not vae[0].weight.is_contiguous(memory_format=torch.channels_last)
+        fastpath.prepare_decoder_modules(unet, vae, "cpu")
+    assert not vae[0].weight.is_contiguous(memory_format=cl)
 
 
 def test_generate_rejects_unknown_output(engine):
