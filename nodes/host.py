@@ -209,19 +209,20 @@ def patcher(engine, name: str, host=None):
                                             offload_device=host.mm.unet_offload_device())
         callbacks = getattr(host.patcher_extension, "CallbacksMP", None)
         if callbacks is not None and hasattr(p, "add_callback"):
-            p.add_callback(callbacks.ON_DETACH, functools.partial(_release_fast_path, module))
+            p.add_callback(callbacks.ON_DETACH, functools.partial(release_device_state, engine, name, module))
         _PATCHERS[key] = p
     return _PATCHERS[key]
 
 
-def _release_fast_path(module, patcher=None, unpatch_all=True):
-    """ComfyUI moved the module off the GPU: drop the engine's CUDA graphs / static caches made for its weights."""
+def release_device_state(engine, name, module, patcher=None, unpatch_all=True):
+    """ComfyUI moved engine.<name> off the GPU ("Unload models", eviction): drop the CUDA graphs and static
+    caches made for its weights and, for the LLM, the chat prefix KV caches, which sit on the GPU too."""
     try:
-        release = getattr(wegen("fastpath"), "release", None)
+        wegen("fastpath").release(module)
+        if name == "mllm":
+            wegen("chat").engine_prefix_cache(engine).clear()
     except ImportError:
         return
-    if release is not None:
-        release(module)
 
 
 @contextlib.contextmanager

@@ -200,3 +200,17 @@ def test_route_functions_serve_only_that_sessions_images(comfy_host, model, root
     assert chat_nodes.api_undo("panel")["turns"] == []
     with pytest.raises(ValueError, match="no turn to undo"):
         chat_nodes.api_undo("panel")
+
+
+def test_unloading_the_llm_frees_its_chat_prefix_caches(engine):
+    """ComfyUI's ON_DETACH for engine.mllm ("Unload models", eviction) clears the prefix KV caches of that engine."""
+    from transformers import DynamicCache
+
+    prefixes = chat.engine_prefix_cache(engine)
+    kv = DynamicCache()
+    kv.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
+    prefixes.store([1, 2, 3, 4], {}, kv)
+    host.release_device_state(engine, "unet", engine.unet)
+    assert len(prefixes) == 1  # other modules leave the LLM's caches alone
+    host.release_device_state(engine, "mllm", engine.mllm)
+    assert len(prefixes) == 0 and prefixes.nbytes == 0
