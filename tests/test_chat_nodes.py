@@ -207,6 +207,7 @@ def test_unloading_the_llm_frees_its_chat_prefix_caches(engine):
     from transformers import DynamicCache
 
     prefixes = chat.engine_prefix_cache(engine)
+    prefixes.clear()  # earlier tests' turns may have left entries
     kv = DynamicCache()
     kv.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
     prefixes.store([1, 2, 3, 4], {}, kv)
