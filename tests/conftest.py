@@ -13,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from host_stubs import comfy_host  # noqa: E402,F401  (the stand-in ComfyUI host fixture, for every test module)
+
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> str:

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from host_stubs import InterruptProcessingException, comfy_host  # noqa: F401  (fixture)
+from host_stubs import InterruptProcessingException
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes import chat as chat_nodes
 from nodes.loader import WeGenLoader

@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 
-from host_stubs import InterruptProcessingException, comfy_host  # noqa: F401  (fixture)
+from host_stubs import InterruptProcessingException
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
 from nodes.decode import WeGenConsistencyDecode, WeGenReconstruct
 from nodes.encode import WeGenMLLMEncode

@@ -17,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from host_stubs import comfy_host  # noqa: F401  (fixture)
 from wegen import remote
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF

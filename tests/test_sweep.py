@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from host_stubs import InterruptProcessingException, comfy_host  # noqa: F401  (fixture)
+from host_stubs import InterruptProcessingException
 from wegen import sweep as sw
 
 PROMPTS = ["a cat", "a red bicycle on a long road at dusk", "tree"]

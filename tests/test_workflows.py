@@ -11,7 +11,6 @@ import re
 import pytest
 import torch
 
-from host_stubs import comfy_host  # noqa: F401  (fixture)
 from nodes import NODE_CLASS_MAPPINGS, headless
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

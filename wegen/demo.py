@@ -59,7 +59,7 @@ def run_demo(checkpoint: str, out_dir: str, steps: int | None = None) -> str:
     """Every workflow in workflows/, on `checkpoint` (steps overrides each node's steps) -> out_dir/index.html."""
     # The demo is the product's main job, so it drives the graph layer: nodes.headless executes the bundled
     # workflows through the same node classes ComfyUI runs (imported here: the engine never needs them).
-    from nodes import headless, host
+    from nodes import headless
 
     from .images import check_writable
 
@@ -74,8 +74,7 @@ def run_demo(checkpoint: str, out_dir: str, steps: int | None = None) -> str:
                 node["inputs"]["checkpoint"] = checkpoint
             if steps is not None and "steps" in node["inputs"]:
                 node["inputs"]["steps"] = steps
-        with host.output_to(out_dir):  # chat sessions: out_dir/wegen/sessions/
-            run = headless.run(prompt, out_dir)
+        run = headless.run(prompt, out_dir)  # sets the output folder: chat sessions land in out_dir/wegen/sessions/
         items.append({"heading": name.replace("_", " ")})
         items += _run_items(prompt, run) + _chat_items(prompt, out_dir)
     with open(os.path.join(out_dir, "demo.json"), "w", encoding="utf-8") as f:
