@@ -122,6 +122,55 @@ def test_static_decoder_refuses_to_overflow(engine):
             dec.step(x)
 
 
+def _counting_backend(calls, inner="aot_eager"):
+    """A torch.compile backend that records each compiled graph and hands it to `inner`."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    def backend(gm, example_inputs):
+        calls.append(len(gm.graph.nodes))
+        return lookup_backend(inner)(gm, example_inputs)
+
+    return backend
+
+
+def test_compiled_decode_step_equals_plain(engine, monkeypatch):
+    """compile=default also compiles the static-cache step: one program per 128-column bucket, same results."""
+    calls = []
+    monkeypatch.setattr(fastpath, "_COMPILE_BACKEND", _counting_backend(calls))
+    short = _ids(engine, "a fox")
+    long = _ids(engine, "a lighthouse on a cliff at sunset, oil painting, " * 6)
+    with fastpath.settings(compile="default"):
+        fast_short = _decode(engine, [short], static=True)[0]
+        assert len(calls) == 1
+        fast_long = _decode(engine, [long], static=True)[0]  # reuses the 128-column program, adds 256
+        assert len(calls) == 2
+    for ids, fast in ((short, fast_short), (long, fast_long)):
+        plain = _decode(engine, [ids])[0]
+        assert fast.ids == plain.ids and _close(fast.features, plain.features)
+
+
+def test_compiled_decode_step_with_inductor_equals_plain(engine):
+    """The real compiler (inductor's C++ backend on the CPU, ~15 s): same tokens, features to 1e-5."""
+    ids = _ids(engine, "a lighthouse")
+    with fastpath.settings(compile="default"):
+        fast = _decode(engine, [ids], static=True)[0]
+    plain = _decode(engine, [ids])[0]
+    assert fast.ids == plain.ids and _close(fast.features, plain.features)
+
+
+def test_compiled_decode_step_falls_back_when_the_compiler_fails(engine, monkeypatch, caplog):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    monkeypatch.setattr(fastpath, "_COMPILE_BACKEND", broken)
+    fastpath._LOGGED.discard("deccompile")
+    ids = _ids(engine, "a fox")
+    with fastpath.settings(compile="default"), caplog.at_level("INFO", logger="wegen.fastpath"):
+        fast = _decode(engine, [ids], static=True)[0]
+    assert "torch.compile of the decode step failed" in caplog.text
+    assert _close(fast.features, _decode(engine, [ids])[0].features)
+
+
 class _EagerGraph:
     """Stand-in for a CUDA graph on the CPU: replay runs the captured function again."""
 

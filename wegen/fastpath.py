@@ -9,15 +9,16 @@ piece here computes what the plain path computes and is dispatched only where it
   (DynamicCache) and copied in, so prefix reuse and `keep_prompt_cache` work unchanged. The step calls
   the model's own norms, projections and MLPs; only attention is written out (RoPE from the model's
   rotary table, SDPA over the static cache with a validity mask). CUDA only by default.
+  With WEGEN_COMPILE, one decoder layer (`decoder_layer_step`) is torch.compile'd and shared by every
+  layer, then captured inside the step's graph.
 * `unet_runner`: the UNet call of `decoder.generate`, captured as a CUDA graph per input shape
   (optionally after torch.compile) and replayed for every step. CUDA only.
-* `prepare_decoder_modules`: channels-last weights for the VAE everywhere and for the UNet on CUDA
-  (faster convolutions; on a CPU the UNet's GroupNorms lose what its convolutions gain). The values
-  agree with NCHW to float rounding.
+* `prepare_decoder_modules`: channels-last weights for the VAE on the CPU only (measured faster there;
+  on an H100 NCHW was faster for both the UNet and the VAE). The values agree with NCHW to rounding.
 * `spread_module`: accelerate's device_map over several GPUs (an optional import).
 
 Each fallback logs its reason once. `configure()` switches pieces on or off (env: WEGEN_FASTPATH=0
-turns everything off, WEGEN_COMPILE=default|max-autotune compiles the UNet).
+turns everything off, WEGEN_COMPILE=default|max-autotune compiles the UNet and the decode layer).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class FastSettings:
     static_decode: bool = True  # static KV cache for the decode loop on CUDA
     static_on_cpu: bool = False  # tests/bench only: run the static-cache step eagerly on the CPU too
     graphs_on_cpu: bool = False  # tests only: "capture" on the CPU too, through a stand-in for _capture_graph
-    compile: str = "off"  # torch.compile the UNet: off | default | max-autotune (WEGEN_COMPILE)
+    compile: str = "off"  # torch.compile the UNet and the decode layer: off | default | max-autotune (WEGEN_COMPILE)
 
 
 def _settings_from_env() -> FastSettings:
@@ -255,11 +256,13 @@ class StaticDecoder:
         self.device, self.dtype = p.device, p.dtype
         self.signature = _signature(model)
         attn = llm.layers[0].self_attn
-        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.head_dim = attn.head_dim
         self.n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
-        shape = (len(llm.layers), B, cfg.num_key_value_heads, lmax, self.head_dim)
-        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        shape = (B, cfg.num_key_value_heads, lmax, self.head_dim)
+        # one buffer per layer (not one 5-d tensor): a compiled step then writes each in place instead of
+        # regenerating a view's base
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in llm.layers]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in llm.layers]
         self.valid = torch.zeros(B, lmax, dtype=torch.bool, device=self.device)
         self.col = torch.zeros(1, dtype=torch.long, device=self.device)  # next column to write
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=self.device)  # RoPE position of the next token
@@ -269,19 +272,20 @@ class StaticDecoder:
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         self.col_host = 0
         self.graphs: dict = {}
+        self.layer_fn = compiled_layer_step()  # None: decoder_layer_step runs eagerly
 
     def load(self, cache, mask: torch.Tensor, next_pos: torch.Tensor):
         """Copy the prefilled DynamicCache (B, kv, L, hd per layer) in; padding columns become zeros."""
         B, L = mask.shape
         assert B == self.B and L < self.lmax, f"cache of {B}x{L} does not fit a {self.B}x{self.lmax} static cache"
         keep = mask.bool()[:, None, :, None]  # (B, 1, L, 1)
-        for i in range(self.k.shape[0]):
+        for i, (k_buf, v_buf) in enumerate(zip(self.k, self.v)):
             k, v = _cache_layer(cache, i)
             assert k.shape[2] == L, f"layer {i} of the prefilled cache holds {k.shape[2]} columns, expected {L}"
-            self.k[i, :, :, :L] = torch.where(keep, k, 0)
-            self.v[i, :, :, :L] = torch.where(keep, v, 0)
-        self.k[:, :, :, L:] = 0
-        self.v[:, :, :, L:] = 0
+            k_buf[:, :, :L] = torch.where(keep, k, 0)
+            v_buf[:, :, :L] = torch.where(keep, v, 0)
+            k_buf[:, :, L:] = 0
+            v_buf[:, :, L:] = 0
         self.valid.zero_()
         self.valid[:, :L] = mask.bool()
         self.col.fill_(L)
@@ -299,9 +303,21 @@ class StaticDecoder:
             if graph is not None:
                 graph.replay()
             else:
-                self._step(kv)
+                self._run_step(kv)
             self.col_host += 1
             return self.h.clone()
+
+    def _run_step(self, kv: int):
+        """self._step; if the compiled layer fails to compile, again with the eager one (nothing was written)."""
+        try:
+            return self._step(kv)
+        except Exception as e:  # noqa: BLE001 - a backend/compiler failure: the eager layer computes the same
+            if self.layer_fn is None:
+                raise
+            _log_once("deccompile", "torch.compile of the decode step failed (%s: %s); running it eagerly",
+                      type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.layer_fn = None
+            return self._step(kv)
 
     def _graph(self, kv: int):
         if kv not in self.graphs:
@@ -318,7 +334,7 @@ class StaticDecoder:
         saved = (self.col.clone(), self.pos.clone(), self.valid.clone())
 
         def step():
-            self._step(kv)
+            self._run_step(kv)
 
         def restore():  # the warm-up advanced col/pos; the K/V it wrote at col are rewritten by the real step
             self.col.copy_(saved[0])
@@ -335,28 +351,61 @@ class StaticDecoder:
         sin = self.sin[self.pos][:, None]
         self.valid.index_fill_(1, self.col, True)
         mask = self.valid[:, None, None, :kv]  # (B, 1, 1, kv)
-        for i, layer in enumerate(llm.layers):
-            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, mask, kv)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        layer_fn = self.layer_fn or decoder_layer_step
+        for layer, k_cache, v_cache in zip(llm.layers, self.k, self.v):
+            x = layer_fn(layer, x, cos, sin, mask, k_cache, v_cache, self.col, kv, self.n_rep)
         self.h.copy_(llm.norm(x)[:, -1])
         self.col.add_(1)
         self.pos.add_(1)
 
-    def _attention(self, i: int, attn, y, cos, sin, mask, kv: int):
-        B, T, _ = y.shape
-        q = attn.q_proj(y).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
-        k = attn.k_proj(y).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, kvh, 1, hd)
-        v = attn.v_proj(y).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        self.k[i].index_copy_(2, self.col, k)
-        self.v[i].index_copy_(2, self.col, v)
-        keys, values = self.k[i, :, :, :kv], self.v[i, :, :, :kv]  # (B, kvh, kv, hd)
-        if self.n_rep > 1:
-            keys = keys.repeat_interleave(self.n_rep, dim=1)
-            values = values.repeat_interleave(self.n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)  # (B, nh, 1, hd)
-        return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+def decoder_layer_step(layer, x, cos, sin, mask, k_cache, v_cache, col, kv: int, n_rep: int):
+    """One Llama decoder layer for one new token per row, on a static cache; returns the layer's output.
+
+    x (B, 1, H); cos/sin (B, 1, 1, hd) of each row's position; mask (B, 1, 1, kv) valid columns;
+    k_cache/v_cache (B, kvh, L_max, hd) written at column `col` (a (1,) tensor) in place.
+    """
+    attn = layer.self_attn
+    y = layer.input_layernorm(x)
+    B, T, _ = y.shape
+    q = attn.q_proj(y).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
+    k = attn.k_proj(y).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, kvh, 1, hd)
+    v = attn.v_proj(y).view(B, T, -1, attn.head_dim).transpose(1, 2)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    k_cache[:, :, col] = k  # index_put_ (gpt-fast's cache write): compiled, it stays in place
+    v_cache[:, :, col] = v
+    keys, values = k_cache[:, :, :kv], v_cache[:, :, :kv]  # (B, kvh, kv, hd)
+    if n_rep > 1:
+        keys = keys.repeat_interleave(n_rep, dim=1)
+        values = values.repeat_interleave(n_rep, dim=1)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)  # (B, nh, 1, hd)
+    x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def compiled_layer_step():
+    """decoder_layer_step through torch.compile when SETTINGS.compile asks, else None (shared by every layer).
+
+    One decoder layer is the compiled unit: every layer has the same shapes, so one program (per kv
+    bucket and batch) serves all of them and compiling takes one layer's time. Compiling fuses the
+    norms, RoPE, residual adds and the SiLU gate into a few kernels; the CUDA graph of the whole step is
+    still captured here (after a warm-up call), so the compiler's own cudagraphs stay off.
+    """
+    mode = SETTINGS.compile
+    if not SETTINGS.enabled or mode == "off":
+        return None
+    key = (mode, _COMPILE_BACKEND)
+    if key not in _COMPILED_LAYER:
+        kwargs = {"mode": "max-autotune-no-cudagraphs"} if mode == "max-autotune" else {}
+        _COMPILED_LAYER[key] = torch.compile(decoder_layer_step, dynamic=False, backend=_COMPILE_BACKEND, **kwargs)
+        log.info("decode step: one decoder layer compiled with torch.compile (%s); the first step per bucket "
+                 "compiles", mode)
+    return _COMPILED_LAYER[key]
+
+
+_COMPILED_LAYER: dict = {}
+_COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager" (the same tracing, no code generation)
 
 
 # UNet: one CUDA graph per input shape (optionally of the compiled module) -------------------------
@@ -412,7 +461,7 @@ def _unet_fn(unet):
     cached = cache.get("compiled")
     if cached is None or cached[0] != mode:
         kwargs = {"mode": "max-autotune-no-cudagraphs"} if mode == "max-autotune" else {}
-        cached = cache["compiled"] = (mode, torch.compile(unet, dynamic=False, **kwargs))
+        cached = cache["compiled"] = (mode, torch.compile(unet, dynamic=False, backend=_COMPILE_BACKEND, **kwargs))
         log.info("UNet compiled with torch.compile (%s); the first call per shape compiles", mode)
     return cached[1]
 
