@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--sweep-n", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 64 px, 1 repeat, no warm-up")
     p.add_argument("--only", default=None, help="comma-separated figure numbers 1..8 (default: all)")
-    p.add_argument("--compile", choices=fastpath.COMPILE_MODES, default="off", help="torch.compile the UNet")
+    p.add_argument("--compile", choices=fastpath.COMPILE_MODES, default="off", help="torch.compile the UNet and the decode layer")
     p.add_argument("--direct-sweep", action="store_true", help="full size: time the stock sweep itself "
                                                                "(default: 8 x the stock full turn)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting figures after this many seconds; "
@@ -345,17 +345,6 @@ def fig_unet(b: Bench):
                     f"compile {fastpath.SETTINGS.compile}")
     b.check("UNet latents: ours vs stock", ours(), stock.denoise(b.sm, feats, 0, a.steps, 2.0, b.side, b.side))
     b.latents = ours()
-    # what channels-last adds to the graphs (not under compile: that would compile the NCHW copy too)
-    if b.cuda and fastpath.SETTINGS.compile == "off" and b.left_s() > b.reserve_s + 6 * row["ours_s"]:
-        def nchw():
-            with torch.inference_mode():
-                return decoder.generate(b.sm.unet, e.vae, e.scheduler, e.decoder_cfg, feats, [0], steps=a.steps,
-                                        guidance_scale=2.0, width=b.side, height=b.side, output="latents")
-
-        nchw()
-        row["ours_nchw_s"] = statistics.median(b.timed(nchw) for _ in range(3))
-        fastpath.release(b.sm.unet)
-        b.annotate(row, f"the same graphs on the NCHW UNet: {_fmt(row['ours_nchw_s'], 's')}")
     return row
 
 

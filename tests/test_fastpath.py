@@ -142,6 +142,11 @@ def test_compiled_decode_step_equals_plain(engine, monkeypatch):
     with fastpath.settings(compile="default"):
         fast_short = _decode(engine, [short], static=True)[0]
         assert len(calls) == 1
+        with torch.inference_mode(), fastpath.settings(static_on_cpu=True):
+            mllm.decode(engine.mllm, [short], [None], engine.image_ids, mllm.DecodeSettings(), engine.tokenizer.eos_id)
+        assert fastpath.describe(engine.mllm)["decode"] == "static cache (eager), compiled layer"
+        fastpath.release(engine.mllm)
+        assert len(calls) == 1  # a new decoder of the same shapes reuses the compiled program
         fast_long = _decode(engine, [long], static=True)[0]  # reuses the 128-column program, adds 256
         assert len(calls) == 2
     for ids, fast in ((short, fast_short), (long, fast_long)):

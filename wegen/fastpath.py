@@ -543,12 +543,14 @@ def prepare_decoder_modules(unet, vae, device):
 
 def describe(mllm_model=None, unet=None) -> dict:
     """What the fast path holds for these modules: decode ('static cache + CUDA graphs' / '(eager)' /
-    'plain') and UNet ('CUDA graph' / 'plain'), plus the compile mode."""
+    'plain', plus ', compiled layer' under compile) and UNet ('CUDA graph' / 'plain'), and the compile mode."""
     out = {"compile": SETTINGS.compile if SETTINGS.enabled else "off"}
     if mllm_model is not None:
         decs = list(_cache_of(mllm_model).get("decoders", {}).values())
         out["decode"] = ("static cache + CUDA graphs" if any(d.use_graphs and d.graphs for d in decs)
                          else "static cache (eager)" if decs else "plain")
+        if any(d.layer_fn is not None for d in decs):
+            out["decode"] += ", compiled layer"
     if unet is not None:
         out["unet"] = "CUDA graph" if _cache_of(unet).get("unet_graphs") else "plain"
     return out
