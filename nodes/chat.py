@@ -68,23 +68,23 @@ class WeGenChatMemory:
 
     @classmethod
     def IS_CHANGED(cls, session_name="chat", action="continue"):
-        chat = host.wegen("chat")
+        sessions = host.wegen("sessions")
         try:
-            return f"{session_name}:{chat.session_revision(sessions_root(), session_name)}:{action}"
+            return f"{session_name}:{sessions.session_revision(sessions_root(), session_name)}:{action}"
         except ValueError:
             return float("nan")  # re-run: the node raises the clear error
 
     def open(self, session_name, action="continue"):
-        chat = host.wegen("chat")
+        sessions = host.wegen("sessions")
         root = sessions_root()
-        chat.check_session_name(session_name)
+        sessions.check_session_name(session_name)
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {list(ACTIONS)}, got {action!r}")
         if action == "reset":
-            return (_ref(chat.reset_session(root, session_name)),)
+            return (_ref(sessions.reset_session(root, session_name)),)
         if action == "undo last turn":
-            return (_ref(chat.undo_turn(root, session_name)),)
-        return (_ref(chat.load_session(root, session_name)),)
+            return (_ref(sessions.undo_turn(root, session_name)),)
+        return (_ref(sessions.load_session(root, session_name)),)
 
 
 class WeGenChatTurn:
@@ -174,45 +174,45 @@ NODE_CLASS_MAPPINGS = {"WeGenChatMemory": WeGenChatMemory, "WeGenChatTurn": WeGe
 
 def api_session(name: str) -> dict:
     """GET /wegen/chat/session?name=: the session's turns (texts, settings, image paths)."""
-    chat = host.wegen("chat")
-    return chat.session_summary(chat.load_session(sessions_root(), chat.check_session_name(name)))
+    sessions = host.wegen("sessions")
+    return sessions.session_summary(sessions.load_session(sessions_root(), sessions.check_session_name(name)))
 
 
 def api_image(name: str, file: str) -> str:
     """GET /wegen/chat/image?name=&file=: the path of an image the session lists (nothing else is served)."""
-    chat = host.wegen("chat")
-    return chat.session_file(sessions_root(), chat.check_session_name(name), file)
+    sessions = host.wegen("sessions")
+    return sessions.session_file(sessions_root(), sessions.check_session_name(name), file)
 
 
 def api_undo(name: str) -> dict:
     """POST /wegen/chat/undo {name}: remove the last turn (refused while a turn runs)."""
-    chat = host.wegen("chat")
-    return chat.session_summary(chat.undo_turn(sessions_root(), name, blocking=False))
+    sessions = host.wegen("sessions")
+    return sessions.session_summary(sessions.undo_turn(sessions_root(), name, blocking=False))
 
 
 def api_new(name: str) -> dict:
     """POST /wegen/chat/new {name}: an unused session name based on `name` (nothing is created or removed)."""
-    chat = host.wegen("chat")
-    base = chat.check_session_name(name).rstrip("0123456789").rstrip("-") or "chat"
-    taken = set(chat.list_sessions(sessions_root()))
+    sessions = host.wegen("sessions")
+    base = sessions.check_session_name(name).rstrip("0123456789").rstrip("-") or "chat"
+    taken = set(sessions.list_sessions(sessions_root()))
     k = 2
     while f"{base}-{k}" in taken:
         k += 1
-    return {"name": chat.check_session_name(f"{base}-{k}")}
+    return {"name": sessions.check_session_name(f"{base}-{k}")}
 
 
 async def _handle(request, method: str):
     """One route: query (GET) or JSON body (POST) -> the api_* function; errors -> JSON {error} with a status."""
     from aiohttp import web
 
-    chat = host.wegen("chat")
+    sessions = host.wegen("sessions")
     try:
         args = dict(request.query) if request.method == "GET" else dict(await request.json())
         if method == "image":
             return web.FileResponse(api_image(str(args.get("name", "")), str(args.get("file", ""))))
         function = {"session": api_session, "undo": api_undo, "new": api_new}[method]
         return web.json_response(function(str(args.get("name", ""))))
-    except chat.CorruptSessionError as e:
+    except sessions.CorruptSessionError as e:
         return web.json_response({"error": str(e)}, status=500)
     except (ValueError, TypeError) as e:
         status = 409 if "busy" in str(e) else (404 if method == "image" else 400)

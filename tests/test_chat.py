@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from wegen import chat, decoder, prompting
+from wegen import chat, decoder, prompting, sessions
 from wegen.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,8 +57,8 @@ def session_copy(three_turns, tmp_path):
 @pytest.mark.parametrize("name", ["", "..", "../x", "a/b", "a\\b", "/abs", ".hidden", "a..b", "con", "NUL.txt",
                                   "x" * 65, "sp ace", None, 3])
 def test_session_names_cannot_escape(tmp_path, name):
-    with pytest.raises(chat.SessionError, match="session name"):
-        chat.session_folder(str(tmp_path), name)
+    with pytest.raises(sessions.SessionError, match="session name"):
+        sessions.session_folder(str(tmp_path), name)
     assert os.listdir(tmp_path) == []
 
 
@@ -68,16 +68,16 @@ def test_symlinked_session_folder_is_refused(tmp_path):
     root = tmp_path / "sessions"
     root.mkdir()
     os.symlink(outside, root / "evil")
-    with pytest.raises(chat.SessionError, match="outside the sessions folder"):
-        chat.load_session(str(root), "evil")
-    assert chat.session_folder(str(root), "ok-name_1.v2").endswith("ok-name_1.v2")
+    with pytest.raises(sessions.SessionError, match="outside the sessions folder"):
+        sessions.load_session(str(root), "evil")
+    assert sessions.session_folder(str(root), "ok-name_1.v2").endswith("ok-name_1.v2")
 
 
 # Turns, persistence, resume ------------------------------------------------------------------------
 
 def test_three_turns_are_stored_and_resume_from_disk(engine, three_turns):
     root, results, _ = three_turns
-    session = chat.load_session(root, "fox")  # a fresh read, as after a restart
+    session = sessions.load_session(root, "fox")  # a fresh read, as after a restart
     assert session.turn_ids == (1, 2, 3) and session.revision == 3
     assert [t.user for t in session.turns] == list(MSGS)
     # the first image-less turn is the release's T2I prompt; later turns are as typed
@@ -156,7 +156,7 @@ def test_input_images_and_eva_history(engine, tmp_path):
     assert torch.equal(blocks[0], engine.encode_images(picture)[0])  # the input's EVA features
     assert torch.equal(blocks[1], first.features[0])  # the generated image's features
     stored = chat.chat_turn(engine, root, "s", "bigger ears", seed=2, prefix_cache=None, **FAST)
-    chat.undo_turn(root, "s")
+    sessions.undo_turn(root, "s")
     calls = []
     encode = engine.encode_images
     engine.encode_images = lambda im: calls.append(im.shape) or encode(im)
@@ -179,7 +179,7 @@ def _square_mask(size=64, lo=24, hi=40):
 
 
 def test_pixels_outside_mask_and_feather_are_bit_identical(engine, session_copy):
-    previous = chat.load_session(session_copy, "fox").image()  # what the turn takes as its reference
+    previous = sessions.load_session(session_copy, "fox").image()  # what the turn takes as its reference
     mask = _square_mask()
     res = chat.chat_turn(engine, session_copy, "fox", "make the middle glow", seed=9, reference="auto", mask=mask,
                          strength=0.5, feather=6, prefix_cache=None, **dict(FAST, steps=4))
@@ -206,10 +206,10 @@ def test_engine_decode_paste_back_is_bit_identical_for_any_reference(engine):
 
 
 def test_strength_without_mask_starts_from_previous_image(engine, session_copy):
-    previous = chat.load_session(session_copy, "fox").image()
+    previous = sessions.load_session(session_copy, "fox").image()
     near = chat.chat_turn(engine, session_copy, "fox", "same but calmer", seed=4, strength=0.25, prefix_cache=None,
                           **dict(FAST, steps=4))
-    chat.undo_turn(session_copy, "fox")
+    sessions.undo_turn(session_copy, "fox")
     far = chat.chat_turn(engine, session_copy, "fox", "same but calmer", seed=4, prefix_cache=None,
                          **dict(FAST, steps=4))
     assert near.record.settings["reference"] == "previous" and far.record.settings["reference"] == "none"
@@ -233,7 +233,7 @@ def test_failed_or_interrupted_turn_leaves_session_byte_identical(engine, sessio
         chat.chat_turn(engine, session_copy, "fox", "this turn fails", seed=1, reference="previous",
                        mask=_square_mask(), strength=0.5, callback=boom, **dict(FAST, steps=6))  # 3 denoise steps
     assert folder_state(folder) == before
-    assert chat.load_session(session_copy, "fox").turn_ids == (1, 2, 3)
+    assert sessions.load_session(session_copy, "fox").turn_ids == (1, 2, 3)
 
 
 def test_failed_commit_leaves_session_byte_identical(engine, session_copy, monkeypatch):
@@ -243,7 +243,7 @@ def test_failed_commit_leaves_session_byte_identical(engine, session_copy, monke
     def disk_full(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(chat, "write_atomic", disk_full)
+    monkeypatch.setattr(sessions, "write_atomic", disk_full)
     with pytest.raises(OSError, match="No space"):
         chat.chat_turn(engine, session_copy, "fox", "never saved", seed=1, **FAST)
     assert folder_state(folder) == before
@@ -268,14 +268,14 @@ def _corrupt(path, how):
 
 @pytest.mark.parametrize("how", ["syntax", "format", "escape", "missing-key"])
 def test_corrupt_session_file_gives_clear_error_and_is_never_overwritten(engine, session_copy, how):
-    path = os.path.join(session_copy, "fox", chat.SESSION_FILE)
+    path = os.path.join(session_copy, "fox", sessions.SESSION_FILE)
     _corrupt(path, how)
     before = folder_state(os.path.join(session_copy, "fox"))
-    with pytest.raises(chat.CorruptSessionError, match="is corrupt") as info:
+    with pytest.raises(sessions.CorruptSessionError, match="is corrupt") as info:
         chat.chat_turn(engine, session_copy, "fox", "hello", seed=1, **FAST)
     assert path in str(info.value) and "left untouched" in str(info.value)
-    for change in (chat.undo_turn, chat.reset_session):
-        with pytest.raises(chat.CorruptSessionError):
+    for change in (sessions.undo_turn, sessions.reset_session):
+        with pytest.raises(sessions.CorruptSessionError):
             change(session_copy, "fox")
     assert folder_state(os.path.join(session_copy, "fox")) == before
 
@@ -285,11 +285,11 @@ def test_tampered_features_or_missing_image_are_refused(engine, session_copy):
     with open(os.path.join(folder, "turns", "000002", "features.json"), "ab") as f:
         f.write(b" ")
     before = folder_state(folder)
-    with pytest.raises(chat.CorruptSessionError, match="checksum"):
+    with pytest.raises(sessions.CorruptSessionError, match="checksum"):
         chat.chat_turn(engine, session_copy, "fox", "hello", seed=1, **FAST)
     os.remove(os.path.join(folder, "turns", "000001", "image.png"))
-    with pytest.raises(chat.CorruptSessionError, match="missing"):
-        chat.load_session(session_copy, "fox")
+    with pytest.raises(sessions.CorruptSessionError, match="missing"):
+        sessions.load_session(session_copy, "fox")
     before.pop(os.path.join("turns", "000001", "image.png"))
     assert folder_state(folder) == before
 
@@ -297,42 +297,42 @@ def test_tampered_features_or_missing_image_are_refused(engine, session_copy):
 # Undo, reset, fork, pinned state, busy ------------------------------------------------------------
 
 def test_undo_reset_fork(engine, session_copy):
-    fork = chat.fork_session(session_copy, "fox", "fox-b", 2)
+    fork = sessions.fork_session(session_copy, "fox", "fox-b", 2)
     assert fork.turn_ids == (1, 2) and fork.next_id == 4
-    assert chat.load_session(session_copy, "fox").turn_ids == (1, 2, 3)
-    a = chat.load_session(session_copy, "fox")
+    assert sessions.load_session(session_copy, "fox").turn_ids == (1, 2, 3)
+    a = sessions.load_session(session_copy, "fox")
     assert torch.equal(fork.features(fork.turns[1]), a.features(a.turns[1]))
     cont = chat.chat_turn(engine, session_copy, "fox-b", "a different third turn", seed=3, **FAST)
     assert cont.session.turn_ids == (1, 2, 4)
-    with pytest.raises(chat.SessionError, match="already exists"):
-        chat.fork_session(session_copy, "fox", "fox-b", 1)
-    with pytest.raises(chat.SessionError, match=r"0\.\.3"):
-        chat.fork_session(session_copy, "fox", "fox-c", 4)
-    with pytest.raises(chat.SessionError, match="no chat session named 'nope'"):
-        chat.fork_session(session_copy, "nope", "fox-d", 0)
+    with pytest.raises(sessions.SessionError, match="already exists"):
+        sessions.fork_session(session_copy, "fox", "fox-b", 1)
+    with pytest.raises(sessions.SessionError, match=r"0\.\.3"):
+        sessions.fork_session(session_copy, "fox", "fox-c", 4)
+    with pytest.raises(sessions.SessionError, match="no chat session named 'nope'"):
+        sessions.fork_session(session_copy, "nope", "fox-d", 0)
 
-    undone = chat.undo_turn(session_copy, "fox")
+    undone = sessions.undo_turn(session_copy, "fox")
     assert undone.turn_ids == (1, 2) and not os.path.exists(os.path.join(session_copy, "fox", "turns", "000003"))
     again = chat.chat_turn(engine, session_copy, "fox", "redo turn three", seed=7, **FAST)
     assert again.session.turn_ids == (1, 2, 4)  # ids are never reused
-    cleared = chat.reset_session(session_copy, "fox")
+    cleared = sessions.reset_session(session_copy, "fox")
     assert cleared.turns == () and os.listdir(os.path.join(session_copy, "fox", "turns")) == []
-    with pytest.raises(chat.SessionError, match="no turn to undo"):
-        chat.undo_turn(session_copy, "fox")
-    with pytest.raises(chat.SessionError, match="no chat session named 'ghost'"):
-        chat.undo_turn(session_copy, "ghost")
+    with pytest.raises(sessions.SessionError, match="no turn to undo"):
+        sessions.undo_turn(session_copy, "fox")
+    with pytest.raises(sessions.SessionError, match="no chat session named 'ghost'"):
+        sessions.undo_turn(session_copy, "ghost")
     assert not os.path.exists(os.path.join(session_copy, "ghost"))
-    assert chat.list_sessions(session_copy) == ["fox", "fox-b"]
+    assert sessions.list_sessions(session_copy) == ["fox", "fox-b"]
 
 
 def test_pinned_state_and_busy_session(engine, session_copy):
     before = folder_state(os.path.join(session_copy, "fox"))
-    with pytest.raises(chat.SessionError, match="changed since"):
+    with pytest.raises(sessions.SessionError, match="changed since"):
         chat.chat_turn(engine, session_copy, "fox", "hi", seed=1, expect_turns=(1, 2), **FAST)
     held, release = threading.Event(), threading.Event()
 
     def hold():
-        with chat.session_lock(session_copy, "fox"):
+        with sessions.session_lock(session_copy, "fox"):
             held.set()
             release.wait(10)
 
@@ -340,8 +340,8 @@ def test_pinned_state_and_busy_session(engine, session_copy):
     t.start()
     held.wait(10)
     try:
-        with pytest.raises(chat.SessionError, match="busy"):
-            chat.undo_turn(session_copy, "fox", blocking=False)
+        with pytest.raises(sessions.SessionError, match="busy"):
+            sessions.undo_turn(session_copy, "fox", blocking=False)
     finally:
         release.set()
         t.join()
@@ -383,11 +383,11 @@ def test_bad_turn_inputs_name_the_input_and_change_nothing(engine, session_copy,
             chat.chat_turn(engine, session_copy, "fox", message, **args)
     assert folder_state(folder) == before
     empty = str(tmp_path / "empty")
-    with pytest.raises(chat.SessionError, match="needs an earlier turn"):
+    with pytest.raises(sessions.SessionError, match="needs an earlier turn"):
         chat.chat_turn(engine, empty, "new", "hi", reference="previous", **FAST)
-    with pytest.raises(chat.SessionError, match="no previous image yet"):
+    with pytest.raises(sessions.SessionError, match="no previous image yet"):
         chat.chat_turn(engine, empty, "new", "hi", strength=0.5, reference="auto", **FAST)
-    assert not os.path.exists(os.path.join(empty, "new", chat.SESSION_FILE))
+    assert not os.path.exists(os.path.join(empty, "new", sessions.SESSION_FILE))
 
 
 # The prefix LRU on its own -------------------------------------------------------------------------
@@ -450,17 +450,17 @@ CHILD = textwrap.dedent("""
 
 
 def test_two_processes_serialise_turns_on_one_session(tiny_ckpt, tmp_path):
-    sessions = str(tmp_path / "sessions")
-    os.makedirs(sessions)
+    root = str(tmp_path / "root")
+    os.makedirs(root)
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(root=ROOT, ckpt=tiny_ckpt))
     go = str(tmp_path / "go")
-    procs = [subprocess.Popen([sys.executable, str(script), tag, sessions, go], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, str(script), tag, root, go], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for tag in ("1", "2")]
     try:
         import time
         deadline = time.time() + 120
-        while not all(os.path.exists(os.path.join(sessions, f"ready-{t}")) for t in ("1", "2")):
+        while not all(os.path.exists(os.path.join(root, f"ready-{t}")) for t in ("1", "2")):
             assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
             time.sleep(0.05)
         open(go, "w").close()
@@ -472,7 +472,7 @@ def test_two_processes_serialise_turns_on_one_session(tiny_ckpt, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     runs = sorted((json.loads(o.strip().splitlines()[-1]) for o, _ in outs), key=lambda r: r["first"])
     assert runs[0]["last"] < runs[1]["first"]  # the critical sections never overlap
-    session = chat.load_session(sessions, "shared")
+    session = sessions.load_session(root, "shared")
     assert session.turn_ids == (1, 2) and {r["id"] for r in runs} == {1, 2}
     first, second = session.turns
     assert second.stats["prompt_tokens"] > first.stats["prompt_tokens"] + 64  # the second turn saw the first
@@ -483,11 +483,11 @@ def test_two_processes_serialise_turns_on_one_session(tiny_ckpt, tmp_path):
 # The command line and the transcript ---------------------------------------------------------------
 
 def test_cli_chat_resumes_across_invocations(capsys, tiny_ckpt, tmp_path):
-    sessions = str(tmp_path / "s")
+    root = str(tmp_path / "s")
     outs = []
     for i, message in enumerate(["a lighthouse at dusk", "add a boat"]):
         out = tmp_path / f"turn{i}.png"
-        code = main(["chat", "--checkpoint", tiny_ckpt, "--session", "harbour", "--sessions-dir", sessions,
+        code = main(["chat", "--checkpoint", tiny_ckpt, "--session", "harbour", "--sessions-dir", root,
                      "--steps", "2", "--size", "64", message, "--out", str(out),
                      "--transcript", str(tmp_path / "t.html")])
         stdout, stderr = capsys.readouterr()
@@ -495,15 +495,15 @@ def test_cli_chat_resumes_across_invocations(capsys, tiny_ckpt, tmp_path):
         outs.append(json.loads(stdout))
         assert out.is_file()
     assert [o["turn"] for o in outs] == [1, 2]
-    session = chat.load_session(sessions, "harbour")
+    session = sessions.load_session(root, "harbour")
     assert [t.user for t in session.turns] == ["a lighthouse at dusk", "add a boat"]
     page = (tmp_path / "t.html").read_text()
     assert page.count("<section>") == 2 and "add a boat" in page
-    code = main(["chat", "--checkpoint", tiny_ckpt, "--session", "harbour", "--sessions-dir", sessions, "--steps",
+    code = main(["chat", "--checkpoint", tiny_ckpt, "--session", "harbour", "--sessions-dir", root, "--steps",
                  "2", "--size", "64", "--strength", "0.5", "--reference", "previous", "--mask",
                  str(tmp_path / "turn0.png"), "calm sea", "--out", str(tmp_path / "t3.png")])
     assert code == 0 and json.loads(capsys.readouterr()[0])["turn"] == 3
-    assert chat.load_session(sessions, "harbour").turns[-1].settings["reference"] == "previous"
+    assert sessions.load_session(root, "harbour").turns[-1].settings["reference"] == "previous"
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -521,11 +521,11 @@ def test_cli_chat_bad_input_exits_2(capsys, tiny_ckpt, tmp_path, argv, match):
 def test_cli_chat_corrupt_session_exits_2_and_keeps_file(capsys, tiny_ckpt, tmp_path):
     folder = tmp_path / "s" / "bad"
     folder.mkdir(parents=True)
-    (folder / chat.SESSION_FILE).write_bytes(b"\x00garbage")
+    (folder / sessions.SESSION_FILE).write_bytes(b"\x00garbage")
     code = main(["chat", "--checkpoint", tiny_ckpt, "--sessions-dir", str(tmp_path / "s"), "--session", "bad",
                  "--steps", "2", "--size", "64", "hello", "--out", str(tmp_path / "o.png")])
     assert code == 2 and "is corrupt" in capsys.readouterr()[1]
-    assert (folder / chat.SESSION_FILE).read_bytes() == b"\x00garbage"
+    assert (folder / sessions.SESSION_FILE).read_bytes() == b"\x00garbage"
 
 
 def test_transcript_page_and_demo_items(three_turns, tmp_path):

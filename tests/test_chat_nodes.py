@@ -14,7 +14,7 @@ from host_stubs import InterruptProcessingException
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes import chat as chat_nodes
 from nodes.loader import WeGenLoader
-from wegen import chat
+from wegen import chat, sessions
 
 SMALL = dict(seed=42, steps=2, cfg=2.0, width=64, height=64)
 
@@ -85,7 +85,7 @@ def test_three_turns_through_the_nodes(comfy_host, model, root):
     out3 = turn(model, out2["result"][2], "calmer sea", seed=8, strength=0.7, feather=4, mask=mask)
     image3, _, ref3 = out3["result"]
     assert ref3.turn_ids == (1, 2, 3)
-    session = chat.load_session(root, "studio")
+    session = sessions.load_session(root, "studio")
     assert [t.settings["reference"] for t in session.turns] == ["none", "previous", "previous"]
     outside = chat.decoder.feather_weight(mask, 4)[0, 0] == 0
     assert torch.equal(image3[0][outside], session.image(session.turns[1])[0][outside])
@@ -129,7 +129,7 @@ def test_stale_chat_state_and_bad_inputs_are_refused(comfy_host, model, root):
     (ref0,) = chat_nodes.WeGenChatMemory().open("stale", "continue")
     turn(model, ref0, "first")
     before = folder_state(os.path.join(root, "stale"))
-    with pytest.raises(chat.SessionError, match="changed since"):
+    with pytest.raises(sessions.SessionError, match="changed since"):
         turn(model, ref0, "from an old state")
     cases = [(dict(chat="not a chat"), "chat must be a WEGEN_CHAT"),
              (dict(message=3), "message must be a string"),
@@ -184,7 +184,7 @@ def test_route_functions_serve_only_that_sessions_images(comfy_host, model, root
     held, release = threading.Event(), threading.Event()
 
     def running_turn():
-        with chat.session_lock(root, "panel"):
+        with sessions.session_lock(root, "panel"):
             held.set()
             release.wait(10)
 

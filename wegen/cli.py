@@ -218,11 +218,11 @@ def cmd_reconstruct(args):
 
 
 def cmd_chat(args):
-    from . import chat
+    from . import chat, sessions
     from .decoder import check_decode_args, check_size
     from .images import check_writable, load_image, save_png
 
-    chat.check_session_name(args.session)
+    sessions.check_session_name(args.session)
     check_writable(args.out)
     check_decode_args(args.steps, args.cfg, args.strength)
     if args.size:
@@ -231,7 +231,7 @@ def cmd_chat(args):
     mask = load_image(args.mask)[0].mean(-1) if args.mask else None  # (H, W) 0..1
     engine = _engine(args)
     if args.reset:
-        chat.reset_session(args.sessions_dir, args.session)
+        sessions.reset_session(args.sessions_dir, args.session)
     width, height = args.size or (None, None)
     result = chat.chat_turn(engine, args.sessions_dir, args.session, args.message, images, seed=args.seed,
                             steps=args.steps, cfg=args.cfg, width=width, height=height,
@@ -239,7 +239,7 @@ def cmd_chat(args):
                             strength=args.strength, feather=args.feather, history_features=args.history_features)
     save_png(result.image[0], args.out, {"message": args.message, "seed": args.seed, "reply": result.reply})
     if args.transcript:
-        chat.write_transcript(result.session, check_writable(args.transcript))
+        sessions.write_transcript(result.session, check_writable(args.transcript))
     print(json.dumps({"out": args.out, "reply": result.reply, "session": args.session,
                       "turn": len(result.session.turns), **result.record.stats}))
 

@@ -98,15 +98,15 @@ def _run_items(prompt: dict, run) -> list[dict]:
 
 def _chat_items(prompt: dict, out_dir: str) -> list[dict]:
     """The chat sessions a workflow's WeGen Chat Memory nodes wrote: a transcript page each + their pictures."""
-    from . import chat
+    from . import sessions
 
     root = os.path.join(out_dir, "wegen", "sessions")
     names = sorted({n["inputs"]["session_name"] for n in prompt.values() if n["class_type"] == "WeGenChatMemory"})
     items = []
     for name in names:
-        session = chat.load_session(root, name)
+        session = sessions.load_session(root, name)
         page = os.path.join(out_dir, "chat.html" if len(names) == 1 else f"chat_{name}.html")
-        chat.write_transcript(session, page, f"WeGen demo: the chat session {name!r}")
+        sessions.write_transcript(session, page, f"WeGen demo: the chat session {name!r}")
         items.append({"link": os.path.basename(page),
                       "caption": f"Transcript of the chat session {name!r} ({len(session.turns)} turns)"})
         for i, turn in enumerate(session.turns, 1):

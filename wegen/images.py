@@ -22,22 +22,35 @@ def load_image(path: str) -> torch.Tensor:
 
 
 def to_pil(image: torch.Tensor):
-    """(H, W, 3) float 0..1 -> PIL RGB image."""
+    """(H, W, 3) float 0..1 -> PIL RGB image; (H, W) -> 8-bit grey (a mask)."""
     from PIL import Image
 
     return Image.fromarray(np.clip(255.0 * image.detach().cpu().float().numpy() + 0.5, 0, 255).astype(np.uint8))
 
 
-def save_png(image: torch.Tensor, path: str, text: dict | None = None) -> str:
-    """(H, W, 3) or (1, H, W, 3) -> PNG file (optional text chunks); returns the path."""
+def encode_image(image: torch.Tensor, text: dict | None = None, fmt: str = "PNG") -> bytes:
+    """(H, W, 3) / (1, H, W, 3) float 0..1 or an (H, W) mask -> file bytes, 8-bit (PNG: with text chunks)."""
+    import io
+
     from PIL import PngImagePlugin
 
-    if image.ndim == 4:
-        image = image[0]
     info = PngImagePlugin.PngInfo()
     for k, v in (text or {}).items():
         info.add_text(k, str(v))
-    to_pil(image).save(path, pnginfo=info)
+    buf = io.BytesIO()
+    to_pil(image[0] if image.ndim == 4 else image).save(buf, format=fmt, pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image: torch.Tensor, path: str, text: dict | None = None) -> str:
+    """(H, W, 3) or (1, H, W, 3) -> an image file, written atomically (PNG with optional text chunks; another
+    suffix PIL knows, such as .jpg, picks that format); returns the path."""
+    from PIL import Image
+
+    from .files import write_atomic
+
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    write_atomic(path, encode_image(image, text, fmt))
     return path
 
 

@@ -42,6 +42,8 @@ import urllib.parse
 import urllib.request
 import uuid
 
+from .files import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 STATE = "queue_state.json"
@@ -518,7 +520,4 @@ def _load_state(out_dir: str, workflow: str) -> dict:
 
 
 def _save_state(out_dir: str, state: dict):
-    tmp = os.path.join(out_dir, STATE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, os.path.join(out_dir, STATE))
+    write_json_atomic(os.path.join(out_dir, STATE), state)

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from .files import write_atomic, write_json_atomic
+
 log = logging.getLogger(__name__)
 
 FORMAT = "wegen-sweep/1"
@@ -357,9 +359,7 @@ def _finish(out_dir, manifest, plan: SweepPlan, features, images) -> SweepResult
     sheet = contact_sheet(images, captions, columns=len(plan.seeds))
     manifest["diversity"] = diversity(features, images)
     if out_dir is not None:
-        tmp = _tmp_png(out_dir, SHEET)
-        save_png(sheet, tmp)
-        os.replace(tmp, os.path.join(out_dir, SHEET))
+        save_png(sheet, os.path.join(out_dir, SHEET))
         manifest["contact_sheet"] = SHEET
         manifest["status"] = "done"
         _write_manifest(out_dir, manifest)
@@ -485,10 +485,7 @@ def load_manifest(path: str) -> dict:
 
 
 def _write_manifest(out_dir: str, manifest: dict):
-    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
 
 
 def _write_batch(out_dir: str, manifest: dict, batch: list[int], images):
@@ -496,17 +493,11 @@ def _write_batch(out_dir: str, manifest: dict, batch: list[int], images):
 
     for i, image in zip(batch, images):
         it = manifest["items"][i]
-        tmp = _tmp_png(out_dir, it["file"])
-        save_png(image, tmp, {"prompt": it["prompt"], "seed": it["seed"], "sweep_index": i,
-                              "settings": json.dumps(manifest["settings"])})
-        os.replace(tmp, os.path.join(out_dir, it["file"]))
+        save_png(image, os.path.join(out_dir, it["file"]), {"prompt": it["prompt"], "seed": it["seed"],
+                                                            "sweep_index": i,
+                                                            "settings": json.dumps(manifest["settings"])})
         it["done"] = True
     _write_manifest(out_dir, manifest)
-
-
-def _tmp_png(out_dir: str, name: str) -> str:
-    """Where a PNG is written before its atomic rename (PIL needs the .png suffix)."""
-    return os.path.join(out_dir, f".{name}.tmp.png")
 
 
 def _read_png(out_dir: str, name: str) -> torch.Tensor:
@@ -516,11 +507,9 @@ def _read_png(out_dir: str, name: str) -> torch.Tensor:
 
 
 def _save_features(out_dir: str, features: torch.Tensor):
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = os.path.join(out_dir, FEATURES + ".tmp")
-    save_file({"features": features.contiguous()}, tmp)
-    os.replace(tmp, os.path.join(out_dir, FEATURES))
+    write_atomic(os.path.join(out_dir, FEATURES), save({"features": features.contiguous()}))
 
 
 def _load_features(out_dir, plan: SweepPlan):

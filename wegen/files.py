@@ -1,0 +1,42 @@
+"""Writing files so that a reader sees the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+
+
+def write_atomic(path: str, data: bytes):
+    """Temp file in the same folder, fsync, os.replace: readers see the old or the new file, never half."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str):
+    """Make the rename durable; best effort (some filesystems refuse): the new file is already in place."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json_atomic(path: str, data) -> str:
+    """`data` as indented UTF-8 JSON, written atomically; returns the path."""
+    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
+    return path
