@@ -308,7 +308,8 @@ class StaticDecoder:
             return self.h.clone()
 
     def _run_step(self, kv: int):
-        """self._step; if the compiled layer fails to compile, again with the eager one (nothing was written)."""
+        """self._step; if the compiled layer fails, again with the eager one (a step may run twice: col and pos
+        advance only at its end, so a rerun rewrites the same column with the same values)."""
         try:
             return self._step(kv)
         except Exception as e:  # noqa: BLE001 - a backend/compiler failure: the eager layer computes the same
