@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from wegen import decoder, fastpath, loading, mllm, prompting
+from wegen import decoder, fastdecode, fastpath, loading, mllm, prompting
 from wegen import engine as engine_mod
 from wegen.engine import WeGenEngine
 
@@ -51,13 +51,13 @@ def test_static_cache_decode_equals_plain_b1(engine):
 
 def test_static_cache_is_used_when_forced_and_not_by_default_on_cpu(engine, monkeypatch):
     calls = []
-    real = fastpath.StaticDecoder.step
+    real = fastdecode.StaticDecoder.step
 
     def counting(self, x):
         calls.append(x.shape)
         return real(self, x)
 
-    monkeypatch.setattr(fastpath.StaticDecoder, "step", counting)
+    monkeypatch.setattr(fastdecode.StaticDecoder, "step", counting)
     ids = _ids(engine, "a fox")
     _decode(engine, [ids])
     assert calls == []  # CPU default: the plain path
@@ -113,7 +113,7 @@ def test_static_decoder_refuses_to_overflow(engine):
         embeds, mask, pos = mllm.build_prefill(engine.mllm, [ids], [None], engine.image_ids, "cpu", torch.float32)
         cache = mllm.new_cache(engine.mllm.llm)
         engine.mllm.forward_hidden(embeds, mask, pos, cache)
-        dec = fastpath.StaticDecoder(engine.mllm, 1, len(ids) + 2, use_graphs=False)
+        dec = fastdecode.StaticDecoder(engine.mllm, 1, len(ids) + 2, use_graphs=False)
         dec.load(cache, mask, pos[:, -1] + 1)
         x = torch.zeros(1, 1, engine.mllm_cfg.hidden)
         dec.step(x)
@@ -208,7 +208,7 @@ def test_decode_graph_replay_logic_equals_plain(engine, cpu_graphs):
     """Warm-up, state restore and one graph per 128-column bucket, replayed: the same tokens and features."""
     short = _ids(engine, "a fox")
     long = _ids(engine, "a lighthouse on a cliff at sunset, oil painting, " * 6)
-    assert len(short) + 65 < fastpath.KV_BUCKET < len(long) + 65 < 2 * fastpath.KV_BUCKET
+    assert len(short) + 65 < fastdecode.KV_BUCKET < len(long) + 65 < 2 * fastdecode.KV_BUCKET
     for ids, graphs in ((short, 1), (long, 2)):
         cpu_graphs.clear()
         fast = _decode(engine, [ids], static=True)[0]
@@ -255,11 +255,11 @@ def test_decode_runner_declines_unsafe_cases(engine):
     with torch.inference_mode():
         embeds, mask, pos = mllm.build_prefill(engine.mllm, [ids], [None], engine.image_ids, "cpu", torch.float32)
     cache = object()  # never read: every case below declines before loading
-    assert fastpath.decode_runner(engine.mllm, cache, mask, pos[:, -1], 65) is None  # CPU, not forced
+    assert fastdecode.decode_runner(engine.mllm, cache, mask, pos[:, -1], 65) is None  # CPU, not forced
     with fastpath.settings(static_on_cpu=True, enabled=False):
-        assert fastpath.decode_runner(engine.mllm, cache, mask, pos[:, -1], 65) is None
+        assert fastdecode.decode_runner(engine.mllm, cache, mask, pos[:, -1], 65) is None
     with fastpath.settings(static_on_cpu=True), torch.enable_grad():
-        assert fastpath.decode_runner(engine.mllm, cache, mask, pos[:, -1], 65) is None  # autograd on
+        assert fastdecode.decode_runner(engine.mllm, cache, mask, pos[:, -1], 65) is None  # autograd on
 
 
 def test_fast_path_state_lives_in_the_module_and_is_never_copied(engine):
@@ -280,13 +280,13 @@ def test_fast_path_state_lives_in_the_module_and_is_never_copied(engine):
 
 
 def test_unsupported_llm_reasons(engine, monkeypatch):
-    assert fastpath.llm_unsupported_reason(engine.mllm) is None
+    assert fastdecode.llm_unsupported_reason(engine.mllm) is None
     monkeypatch.setattr(engine.mllm.llm.model.rotary_emb, "rope_type", "dynamic", raising=False)
-    assert "rescales" in fastpath.llm_unsupported_reason(engine.mllm)
+    assert "rescales" in fastdecode.llm_unsupported_reason(engine.mllm)
     monkeypatch.undo()
     monkeypatch.setattr(engine.mllm.llm, "hf_device_map", {"": 0}, raising=False)
-    assert "accelerate" in fastpath.llm_unsupported_reason(engine.mllm)
-    assert "not a transformers Llama" in fastpath.llm_unsupported_reason(torch.nn.Linear(2, 2))
+    assert "accelerate" in fastdecode.llm_unsupported_reason(engine.mllm)
+    assert "not a transformers Llama" in fastdecode.llm_unsupported_reason(torch.nn.Linear(2, 2))
 
 
 # Decode loop: the cheap CPU wins are exact -------------------------------------------------------

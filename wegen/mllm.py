@@ -268,9 +268,9 @@ def decode(model: WeGenMLLM, rows_ids: list[list[int]], rows_features: list, ima
     total = image_steps if all(r.hidden for r in rows) else settings.max_new_tokens + image_steps
     runner = None
     if cache is not None and settings.stop_after_image:  # bounded length: a static cache can hold it
-        from . import fastpath
+        from . import fastdecode
 
-        runner = fastpath.decode_runner(model, cache, mask, next_pos, max_steps=total)
+        runner = fastdecode.decode_runner(model, cache, mask, next_pos, max_steps=total)
     while not all(r.done for r in rows):
         x = _next_embeddings(model, rows, h, image_ids, settings, eos_id, generators)  # (B, H)
         if all(r.done for r in rows):
