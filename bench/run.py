@@ -341,8 +341,9 @@ def fig_unet(b: Bench):
 
     row = b.figure(FIGURES[2], lambda: stock.denoise(b.sm, feats, 0, a.steps, 2.0, b.side, b.side), ours,
                    note=f"B=1, CFG 2 (batch 2), {b.side}px")
-    b.annotate(row, f"ours: {_layout(e.unet)}, {fastpath.describe(unet=e.unet)['unet']}, "
-                    f"compile {fastpath.SETTINGS.compile}")
+    d = fastpath.describe(unet=e.unet)
+    b.annotate(row, f"ours: {_layout(e.unet)}, {d['unet']}, compile {d['compile']}, uncond cross-attention "
+                    f"skipped in {d['zero_context_skip']} layers")
     b.check("UNet latents: ours vs stock", ours(), stock.denoise(b.sm, feats, 0, a.steps, 2.0, b.side, b.side))
     b.latents = ours()
     return row

@@ -35,8 +35,10 @@ class StockModel:
 def from_engine(engine) -> StockModel:
     """Stock copies of the engine's decoder modules (NCHW, fp32 VAE); the LLM and EVA are shared."""
     from diffusers import EulerDiscreteScheduler
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet = copy.deepcopy(engine.unet).to(memory_format=torch.contiguous_format)
+    unet.set_attn_processor(AttnProcessor2_0())  # the pipeline's SDPA everywhere (no ZeroContextSkip)
     vae32 = torch.nn.Module.to(copy.deepcopy(engine.vae), torch.float32).to(memory_format=torch.contiguous_format)
     for m in (unet, vae32):
         m.to(engine.device)

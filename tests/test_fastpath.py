@@ -250,6 +250,77 @@ def test_unet_graph_logic_equals_plain(engine, cpu_graphs):
     assert fastpath.describe(unet=engine.unet)["unet"] == "plain"
 
 
+def _latents(engine, feats, seeds, **kw):
+    kw = {"steps": 3, "guidance_scale": 3.0, "width": 64, "height": 64, **kw}
+    with torch.inference_mode():
+        return decoder.generate(engine.unet, engine.vae, engine.scheduler, engine.decoder_cfg, feats, seeds,
+                                output="latents", **kw)
+
+
+def _feats(n, engine, seed=0):
+    return torch.randn(n, 64, engine.mllm_cfg.feature_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_zero_context_skip_is_bit_identical(engine, monkeypatch):
+    """CFG's uncond rows skip cross-attention (output = to_out's bias): the latents equal the full computation."""
+    skips = fastpath._skips(engine.unet)
+    cross = [m for m in engine.unet.modules() if getattr(m, "is_cross_attention", False)]
+    assert len(skips) == len(cross) > 0 and fastpath.describe(unet=engine.unet)["zero_context_skip"] == len(cross)
+    seen = []
+    real = fastpath.ZeroContextSkip.__call__
+
+    def spy(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        seen.append((self.rows, hidden_states.shape[0]))
+        if self.rows:  # the rows it skips really have a zero context
+            assert not encoder_hidden_states[:self.rows].any() and encoder_hidden_states[self.rows:].any()
+        return real(self, attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(fastpath.ZeroContextSkip, "__call__", spy)
+    feats = _feats(2, engine)
+    fast = _latents(engine, feats, [1, 2])
+    assert seen and all(s == (2, 4) for s in seen)  # B=2 with CFG: rows 0-1 of 4 skipped, every layer
+    assert all(p.rows == 0 for p in skips)  # reset after every call
+    seen.clear()
+    with fastpath.settings(enabled=False):
+        plain = _latents(engine, feats, [1, 2])
+    assert all(s == (0, 4) for s in seen)  # fast path off: every row computed
+    assert torch.equal(fast, plain)
+    seen.clear()
+    no_cfg = _latents(engine, feats, [1, 2], guidance_scale=1.0)  # no uncond rows: nothing to skip
+    assert all(s == (0, 2) for s in seen)
+    with fastpath.settings(enabled=False):
+        assert torch.equal(no_cfg, _latents(engine, feats, [1, 2], guidance_scale=1.0))
+
+
+def test_zero_context_skip_only_where_exact():
+    from diffusers.models.attention_processor import Attention
+
+    assert fastpath.zero_context_exact(Attention(32, cross_attention_dim=16, heads=2, dim_head=16))
+    assert not fastpath.zero_context_exact(Attention(32, heads=2, dim_head=16))  # self-attention
+    assert not fastpath.zero_context_exact(Attention(32, cross_attention_dim=16, heads=2, dim_head=16, bias=True))
+    assert not fastpath.zero_context_exact(Attention(32, cross_attention_dim=16, heads=2, dim_head=16,
+                                                     cross_attention_norm="layer_norm"))
+    assert not fastpath.zero_context_exact(Attention(32, cross_attention_dim=16, heads=2, dim_head=16,
+                                                     residual_connection=True))
+    unet = torch.nn.Sequential(Attention(32, cross_attention_dim=16, heads=2, dim_head=16, bias=True),
+                               Attention(32, cross_attention_dim=16, heads=2, dim_head=16))
+    assert fastpath.install_zero_context_skip(unet) == 1 and fastpath.install_zero_context_skip(unet) == 0
+    assert isinstance(unet[1].processor, fastpath.ZeroContextSkip)
+    assert not isinstance(unet[0].processor, fastpath.ZeroContextSkip)
+
+
+def test_unet_graph_key_holds_the_zero_rows(engine, cpu_graphs):
+    """B=1 with CFG and B=2 without both run the UNet on a batch of 2: they must not share a graph."""
+    one = _latents(engine, _feats(1, engine, 3), [5])
+    two = _latents(engine, _feats(2, engine, 4), [6, 7], guidance_scale=1.0)
+    assert len(cpu_graphs) == 2
+    fastpath.release(engine.unet)
+    with fastpath.settings(enabled=False):
+        torch.testing.assert_close(one, _latents(engine, _feats(1, engine, 3), [5]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(two, _latents(engine, _feats(2, engine, 4), [6, 7], guidance_scale=1.0),
+                                   rtol=0, atol=1e-6)
+
+
 def test_decode_runner_declines_unsafe_cases(engine):
     ids = _ids(engine, "a fox")
     with torch.inference_mode():

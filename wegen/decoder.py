@@ -180,7 +180,7 @@ def generate(unet, vae, scheduler, cfg: DecoderConfig, features: torch.Tensor, s
     x = x.float()
 
     # 5) denoising loop (fastpath: the UNet call is a replayed CUDA graph on GPUs, else the plain call)
-    denoise = fastpath.unet_runner(unet, ctx, added)
+    denoise = fastpath.unet_runner(unet, ctx, added, zero_rows=B if do_cfg else 0)
     for i, t in enumerate(timesteps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x_in = scale_model_input(x, sigma).to(dtype)

@@ -145,22 +145,40 @@ _COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager" (the same tracing, no
 
 # UNet: one CUDA graph per input shape (optionally of the compiled module) -------------------------
 
-class PlainDenoiser:
-    """The UNet called as the release calls it: (x, t) -> eps (x's batch already holds uncond + cond)."""
+class UNetCall:
+    """fn(x, t, ctx, added) -> eps: the UNet (or its compiled wrapper) with `zero_rows` leading rows of the
+    batch known to have an all-zero context (ZeroContextSkip skips them; 0: every row is computed)."""
 
-    def __init__(self, unet, ctx, added):
-        self.unet, self.ctx, self.added = unet, ctx, added
+    def __init__(self, fn, unet, zero_rows: int = 0):
+        self.fn, self.zero_rows = fn, zero_rows
+        self.skips = _skips(unet) if zero_rows else []
+
+    def __call__(self, x, t, ctx, added):
+        for p in self.skips:
+            p.rows = self.zero_rows
+        try:
+            return self.fn(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+        finally:
+            for p in self.skips:
+                p.rows = 0
+
+
+class PlainDenoiser:
+    """The UNet called step by step: (x, t) -> eps (x's batch already holds uncond + cond)."""
+
+    def __init__(self, call: UNetCall, ctx, added):
+        self.call, self.ctx, self.added = call, ctx, added
         self.device = ctx.device
 
     def __call__(self, x, t):
-        return self.unet(x, t.to(self.device), encoder_hidden_states=self.ctx, added_cond_kwargs=self.added).sample
+        return self.call(x, t.to(self.device), self.ctx, self.added)
 
 
 class UNetGraph:
     """One captured UNet call: static x, t, context and added conditioning; replay writes `out`."""
 
-    def __init__(self, fn, x_like, t_like, ctx, added):
-        self.fn = fn
+    def __init__(self, call: UNetCall, x_like, t_like, ctx, added):
+        self.call = call
         self.x = x_like.clone()
         self.t = torch.as_tensor(t_like, dtype=torch.float32).to(x_like.device).reshape(())
         self.ctx = ctx.clone()
@@ -169,7 +187,7 @@ class UNetGraph:
         self.graph = _capture_graph(self._run, x_like.device, warmup=2)
 
     def _run(self):
-        eps = self.fn(self.x, self.t, encoder_hidden_states=self.ctx, added_cond_kwargs=self.added).sample
+        eps = self.call(self.x, self.t, self.ctx, self.added)
         if self.out is None:
             self.out = torch.empty_like(eps)
         self.out.copy_(eps)
@@ -201,43 +219,45 @@ def _unet_fn(unet):
     return cached[1]
 
 
-def unet_runner(unet, ctx: torch.Tensor, added: dict):
-    """Callable (x (N, 4, h, w), t) -> eps for one generate call: graph replay on CUDA, else the plain call."""
-    plain = PlainDenoiser(unet, ctx, added)
+def unet_runner(unet, ctx: torch.Tensor, added: dict, zero_rows: int = 0):
+    """Callable (x (N, 4, h, w), t) -> eps for one generate call: graph replay on CUDA, else the plain call.
+
+    zero_rows: how many leading rows of every call have an all-zero context (decoder.generate's CFG batch).
+    """
     s = SETTINGS
     if not s.enabled:
-        return plain
+        return PlainDenoiser(UNetCall(unet, unet), ctx, added)
     fn = _unet_fn(unet)
-    if fn is not unet:
-        plain = PlainDenoiser(fn, ctx, added)
+    call = UNetCall(fn, unet, zero_rows)
+    plain = PlainDenoiser(call, ctx, added)
     if not _graphs_allowed(ctx.device):
         return plain
     if torch.is_grad_enabled():
         _log_once("unetgrad", "UNet graphs skipped: autograd is on (the engine decodes under inference_mode)")
         return plain
-    return _GraphDenoiser(unet, fn, ctx, added, plain)
+    return _GraphDenoiser(unet, call, ctx, added, plain)
 
 
 class _GraphDenoiser:
     """Captures on the first call (the shape of x is known then); falls back to `plain` if capture fails."""
 
-    def __init__(self, unet, fn, ctx, added, plain):
-        self.unet, self.fn, self.ctx, self.added, self.plain = unet, fn, ctx, added, plain
+    def __init__(self, unet, call, ctx, added, plain):
+        self.unet, self.call, self.ctx, self.added, self.plain = unet, call, ctx, added, plain
         self.graph = None
 
     def __call__(self, x, t):
         if self.graph is None:
-            self.graph = _cached_unet_graph(self.unet, self.fn, x, t, self.ctx, self.added) or False
+            self.graph = _cached_unet_graph(self.unet, self.call, x, t, self.ctx, self.added) or False
         if self.graph is False:
             return self.plain(x, t)
         return self.graph(x, t)
 
 
-def _cached_unet_graph(unet, fn, x, t, ctx, added):
+def _cached_unet_graph(unet, call: UNetCall, x, t, ctx, added):
     per_unet = _cache_of(unet).setdefault("unet_graphs", OrderedDict())  # shapes + signature -> UNetGraph
     sig = _signature(unet)
     key = (tuple(x.shape), x.dtype, tuple(ctx.shape), tuple((k, tuple(v.shape)) for k, v in sorted(added.items())),
-           id(fn), sig)
+           id(call.fn), call.zero_rows if call.skips else 0, sig)
     for k in [k for k in per_unet if k[-1] != sig]:
         del per_unet[k]
     graph = per_unet.get(key)
@@ -246,7 +266,7 @@ def _cached_unet_graph(unet, fn, x, t, ctx, added):
             per_unet.popitem(last=False)
         try:
             with torch.inference_mode():
-                graph = UNetGraph(fn, x, t, ctx, added)
+                graph = UNetGraph(call, x, t, ctx, added)
         except Exception as e:  # noqa: BLE001 - out of memory, or an op that cannot be captured
             _log_once(f"unetgraph{type(e).__name__}", "CUDA graph capture of the UNet failed (%s: %s); running it "
                       "eagerly", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -262,10 +282,61 @@ def _cached_unet_graph(unet, fn, x, t, ctx, added):
     return graph
 
 
+# UNet: classifier-free guidance against an all-zero context ---------------------------------------
+
+class ZeroContextSkip:
+    """Cross-attention processor: skips the rows whose context is all zeros (CFG's unconditional half).
+
+    decoder.generate guides against a zero context (the release's rule) and batches [uncond, cond].
+    With a zero context V = to_v(0) = 0 (no bias), so those rows' attention output is 0 whatever the
+    weights, and the layer's output is exactly to_out's bias: only the other rows are computed. `rows`
+    (the leading rows with a zero context) is set by UNetCall around each UNet call and is 0 (the
+    wrapped processor on the whole batch) otherwise. Installed only where the shortcut is exact.
+    """
+
+    def __init__(self, inner):
+        self.inner, self.rows = inner, 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        n = self.rows
+        if not 0 < n < hidden_states.shape[0] or encoder_hidden_states is None or attention_mask is not None \
+                or hidden_states.ndim != 3:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        cond = self.inner(attn, hidden_states[n:], encoder_hidden_states[n:], None, temb, *args, **kwargs)
+        bias = attn.to_out[0].bias
+        uncond = cond.new_zeros(()) if bias is None else bias.to(cond.dtype)
+        return torch.cat([uncond.expand(n, *cond.shape[1:]), cond])
+
+
+def zero_context_exact(attn) -> bool:
+    """Whether a zero context gives exactly to_out's bias in this diffusers Attention (see ZeroContextSkip)."""
+    return (getattr(attn, "is_cross_attention", False) and getattr(attn, "norm_cross", None) is None
+            and getattr(attn.to_v, "bias", 0) is None and getattr(attn, "spatial_norm", 0) is None
+            and getattr(attn, "add_k_proj", None) is None and not getattr(attn, "residual_connection", True)
+            and getattr(attn, "rescale_output_factor", 0) == 1.0)
+
+
+def install_zero_context_skip(unet) -> int:
+    """Wrap the processor of every cross-attention layer where the skip is exact; returns how many."""
+    n = 0
+    for module in unet.modules():
+        proc = getattr(module, "processor", None)
+        if proc is not None and not isinstance(proc, ZeroContextSkip) and zero_context_exact(module):
+            module.set_processor(ZeroContextSkip(proc))
+            n += 1
+    return n
+
+
+def _skips(unet) -> list:
+    return [m.processor for m in unet.modules() if isinstance(getattr(m, "processor", None), ZeroContextSkip)]
+
+
 # Module preparation, release, spreading ----------------------------------------------------------
 
 def prepare_decoder_modules(unet, vae, device):
-    """Channels-last VAE weights on the CPU only (same values to rounding); the UNet stays NCHW.
+    """Channels-last VAE weights on the CPU only (same values to rounding); the UNet stays NCHW, its
+    cross-attention layers get ZeroContextSkip.
 
     Measured: tiny checkpoint, one CPU thread: VAE decode 1.24x, UNet 0.98x in channels-last. H100 at
     official dimensions (bench/results/gpu.json): the UNet's 50 graph-replayed steps took 2.28 s
@@ -274,11 +345,14 @@ def prepare_decoder_modules(unet, vae, device):
     """
     if SETTINGS.enabled and torch.device(device).type == "cpu":
         vae.to(memory_format=torch.channels_last)
+    if SETTINGS.enabled:
+        install_zero_context_skip(unet)
 
 
 def describe(mllm_model=None, unet=None) -> dict:
     """What the fast path holds for these modules: decode ('static cache + CUDA graphs' / '(eager)' /
-    'plain', plus ', compiled layer' under compile) and UNet ('CUDA graph' / 'plain'), and the compile mode."""
+    'plain', plus ', compiled layer' under compile), UNet ('CUDA graph' / 'plain') with its zero-context-skip
+    layer count, and the compile mode."""
     out = {"compile": SETTINGS.compile if SETTINGS.enabled else "off"}
     if mllm_model is not None:
         decs = list(_cache_of(mllm_model).get("decoders", {}).values())
@@ -288,6 +362,7 @@ def describe(mllm_model=None, unet=None) -> dict:
             out["decode"] += ", compiled layer"
     if unet is not None:
         out["unet"] = "CUDA graph" if _cache_of(unet).get("unet_graphs") else "plain"
+        out["zero_context_skip"] = len(_skips(unet))  # cross-attention layers that skip CFG's uncond rows
     return out
 
 
