@@ -292,6 +292,20 @@ def test_zero_context_skip_is_bit_identical(engine, monkeypatch):
         assert torch.equal(no_cfg, _latents(engine, feats, [1, 2], guidance_scale=1.0))
 
 
+def test_compiled_unet_with_zero_context_skip_equals_plain(engine, monkeypatch):
+    """compile=default traces the UNet through ZeroContextSkip (aot_eager here: the same tracing, no codegen)."""
+    calls = []
+    monkeypatch.setattr(fastpath, "_COMPILE_BACKEND", _counting_backend(calls))
+    feats = _feats(1, engine, 8)
+    with fastpath.settings(compile="default"):
+        fast = _latents(engine, feats, [3])
+        assert calls  # the compiled module ran
+        no_cfg = _latents(engine, feats, [3], guidance_scale=1.0)  # rows 0: guarded, traced again
+    with fastpath.settings(enabled=False):
+        torch.testing.assert_close(fast, _latents(engine, feats, [3]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(no_cfg, _latents(engine, feats, [3], guidance_scale=1.0), rtol=0, atol=1e-6)
+
+
 def test_zero_context_skip_only_where_exact():
     from diffusers.models.attention_processor import Attention
 

@@ -212,9 +212,10 @@ def _unet_fn(unet):
         return unet
     cache = _cache_of(unet)
     cached = cache.get("compiled")
-    if cached is None or cached[0] != mode:
+    if cached is None or cached[0] != (mode, _COMPILE_BACKEND):
         kwargs = {"mode": "max-autotune-no-cudagraphs"} if mode == "max-autotune" else {}
-        cached = cache["compiled"] = (mode, torch.compile(unet, dynamic=False, backend=_COMPILE_BACKEND, **kwargs))
+        compiled = torch.compile(unet, dynamic=False, backend=_COMPILE_BACKEND, **kwargs)
+        cached = cache["compiled"] = ((mode, _COMPILE_BACKEND), compiled)
         log.info("UNet compiled with torch.compile (%s); the first call per shape compiles", mode)
     return cached[1]
 
