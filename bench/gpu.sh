@@ -31,8 +31,8 @@ transformers.__version__, 'diffusers', diffusers.__version__, 'accelerate', acce
 #    compiled, then captured in CUDA graphs); decode, UNet, VAE, full turn and sweep of 8, stock and ours.
 #    Compiling costs about 100 s for the UNet per batch shape and a few seconds for the decoder layer.
 log "full size, compiled: the issue-5 targets"
-bench $(( $(left) - 100 )) --size full --device cuda --compile default --only 1,3,4,5,2 \
-  --json "$OUT/gpu-compile.json" --budget-s $(( $(left) - 150 ))
+bench $(( $(left) - 40 )) --size full --device cuda --compile default --only 1,3,4,5,2 \
+  --json "$OUT/gpu-compile.json" --budget-s $(( $(left) - 70 ))
 
 # 2) the default path (no compile) with every figure, as far as the time left allows
 if [ "$(left)" -gt 100 ]; then
