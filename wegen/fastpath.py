@@ -8,6 +8,8 @@ piece here computes what the plain path computes and is dispatched only where it
   decoder layer. It uses the settings, graph capture and caches below.
 * `unet_runner`: the UNet call of `decoder.generate`, captured as a CUDA graph per input shape
   (optionally after torch.compile) and replayed for every step. CUDA only.
+* `ZeroContextSkip`: CFG's unconditional rows (an all-zero context) skip cross-attention, whose output
+  for them is exactly to_out's bias. Everywhere.
 * `prepare_decoder_modules`: channels-last weights for the VAE on the CPU only (measured faster there;
   on an H100 NCHW was faster for both the UNet and the VAE). The values agree with NCHW to rounding.
 * `spread_module`: accelerate's device_map over several GPUs (an optional import).
