@@ -217,6 +217,18 @@ def test_decode_graph_replay_logic_equals_plain(engine, cpu_graphs):
         assert fast.ids == plain.ids and _close(fast.features, plain.features)
 
 
+def test_decode_graph_of_the_compiled_step_equals_plain(engine, cpu_graphs, monkeypatch):
+    """The compiled layer inside the captured step: compiled during the warm-up, then replayed."""
+    calls = []
+    monkeypatch.setattr(fastpath, "_COMPILE_BACKEND", _counting_backend(calls))
+    ids = _ids(engine, "a fox in the snow")
+    with fastpath.settings(compile="default"):
+        fast = _decode(engine, [ids], static=True)[0]
+    assert len(cpu_graphs) == 1 and len(calls) == 1
+    plain = _decode(engine, [ids])[0]
+    assert fast.ids == plain.ids and _close(fast.features, plain.features)
+
+
 def test_decode_falls_back_when_capture_fails(engine, caplog):
     """On the CPU the real _capture_graph fails (no CUDA streams): the step runs eagerly, results unchanged."""
     ids = _ids(engine, "a fox")
