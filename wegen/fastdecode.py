@@ -89,16 +89,16 @@ def _cached_decoder(model, B: int, lmax: int, device):
         need = 2 * len(model.llm.model.layers) * B * cfg.num_key_value_heads * lmax * layer.head_dim * itemsize
         free = torch.cuda.mem_get_info(device)[0]
         if need > KV_FREE_FRACTION * free:
-            fastpath._log_once(f"kvmem{B}", "fast decode skipped for B=%d: a %d-token static cache needs %.1f GB, %.1f GB "
-                      "free; using the plain loop", B, lmax, need / 1e9, free / 1e9)
+            fastpath._log_once(f"kvmem{B}", "fast decode skipped for B=%d: a %d-token static cache needs %.1f GB, "
+                               "%.1f GB free; using the plain loop", B, lmax, need / 1e9, free / 1e9)
             return None
     while len(per_model) >= fastpath.MAX_CACHED:
         per_model.popitem(last=False)
     with torch.inference_mode():
         dec = StaticDecoder(model, B, lmax, use_graphs=fastpath._graphs_allowed(device))
     per_model[(B, lmax)] = dec
-    fastpath._log_once(f"dec{device.type}", "fast decode: static KV cache%s on %s", " + CUDA graphs"
-              if dec.use_graphs else " (eager)", device)
+    fastpath._log_once(f"dec{device.type}", "fast decode: static KV cache%s on %s",
+                       " + CUDA graphs" if dec.use_graphs else " (eager)", device)
     return dec
 
 
@@ -190,8 +190,8 @@ class StaticDecoder:
         except Exception as e:  # noqa: BLE001 - a backend/compiler failure: the eager layer computes the same
             if self.layer_fn is None:
                 raise
-            fastpath._log_once("deccompile", "torch.compile of the decode step failed (%s: %s); running it eagerly",
-                      type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            fastpath._log_once("deccompile", "torch.compile of the decode step failed (%s: %s); running it "
+                               "eagerly", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.layer_fn = None
             return self._step(kv)
 
@@ -200,8 +200,8 @@ class StaticDecoder:
             try:
                 self.graphs[kv] = self._capture(kv)
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager steps
-                fastpath._log_once("decgraph", "CUDA graph capture of the decode step failed (%s: %s); running it eagerly",
-                          type(e).__name__, e)
+                fastpath._log_once("decgraph", "CUDA graph capture of the decode step failed (%s: %s); running "
+                                   "it eagerly", type(e).__name__, e)
                 self.use_graphs = False
                 return None
         return self.graphs[kv]
@@ -261,7 +261,7 @@ def decoder_layer_step(layer, x, cos, sin, mask, k_cache, v_cache, col, kv: int,
 
 
 def compiled_layer_step():
-    """decoder_layer_step through torch.compile when fastpath.SETTINGS.compile asks, else None (shared by every layer).
+    """decoder_layer_step through torch.compile when SETTINGS.compile asks, else None (shared by every layer).
 
     One decoder layer is the compiled unit: every layer has the same shapes, so one program (per kv
     bucket and batch) serves all of them and compiling takes one layer's time. Compiling fuses the
@@ -274,7 +274,8 @@ def compiled_layer_step():
     key = (mode, fastpath._COMPILE_BACKEND)
     if key not in _COMPILED_LAYER:
         kwargs = {"mode": "max-autotune-no-cudagraphs"} if mode == "max-autotune" else {}
-        _COMPILED_LAYER[key] = torch.compile(decoder_layer_step, dynamic=False, backend=fastpath._COMPILE_BACKEND, **kwargs)
+        _COMPILED_LAYER[key] = torch.compile(decoder_layer_step, dynamic=False, backend=fastpath._COMPILE_BACKEND,
+                                             **kwargs)
         fastpath.log.info("decode step: one decoder layer compiled with torch.compile (%s); the first step per bucket "
                  "compiles", mode)
     return _COMPILED_LAYER[key]
