@@ -510,12 +510,14 @@ def test_cli_chat_resumes_across_invocations(capsys, tiny_ckpt, tmp_path):
     (["--session", "../up"], "session name must be"),
     (["--session", "ok", "--strength", "2"], "strength must be in 0..1"),
     (["--session", "ok", "--reference", "previous"], "needs an earlier turn"),
+    (["--session", "ok", "--transcript", "/proc/no/such/t.html"], "cannot be written"),
 ])
 def test_cli_chat_bad_input_exits_2(capsys, tiny_ckpt, tmp_path, argv, match):
     code = main(["chat", "--checkpoint", tiny_ckpt, "--sessions-dir", str(tmp_path / "s"), "--steps", "2",
                  "--size", "64", "hello", "--out", str(tmp_path / "o.png"), *argv])
     err = capsys.readouterr()[1]
     assert code == 2 and err.startswith("error: ") and match in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "s" / "ok" / sessions.SESSION_FILE)  # no turn was saved
 
 
 def test_cli_chat_corrupt_session_exits_2_and_keeps_file(capsys, tiny_ckpt, tmp_path):

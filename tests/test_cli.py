@@ -74,6 +74,16 @@ def test_unreadable_image_exit_2(capsys, tiny_ckpt, tmp_path):
     assert code == 2 and "cannot read image" in err
 
 
+@pytest.mark.parametrize("name", ["o.foo", "o"])
+def test_output_that_is_not_an_image_format_exit_2_before_any_work(capsys, tiny_ckpt, tmp_path, monkeypatch, name):
+    from wegen import engine
+
+    monkeypatch.setattr(engine.WeGenEngine, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = _generate(capsys, tiny_ckpt, tmp_path / name)
+    assert code == 2 and "is not an image format this can write; use .png" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
+
+
 def test_unwritable_output_exit_2(capsys, tiny_ckpt, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -30,6 +30,10 @@ def test_save_png_writes_text_chunks_and_follows_the_suffix(tmp_path):
     with Image.open(jpg) as im:
         assert im.format == "JPEG"
     assert sorted(os.listdir(tmp_path)) == ["a.jpg", "a.png"]
+    for name in ("a.foo", "noext"):
+        with pytest.raises(ValueError, match="is not an image format this can write; use .png"):
+            images.save_png(image, str(tmp_path / name))
+    assert sorted(os.listdir(tmp_path)) == ["a.jpg", "a.png"]  # nothing written
 
 
 def test_encode_image_of_a_mask_is_8_bit_grey():

@@ -162,9 +162,9 @@ def cmd_convert(args):
 
 def cmd_generate(args):
     from .decoder import check_decode_args, check_size
-    from .images import check_writable, load_image, save_png
+    from .images import check_image_out, load_image, save_png
 
-    check_writable(args.out)
+    check_image_out(args.out)
     check_decode_args(args.steps, args.cfg, 1.0)
     if args.size:
         check_size(*args.size)
@@ -203,9 +203,9 @@ def cmd_understand(args):
 
 def cmd_reconstruct(args):
     from .decoder import check_decode_args, check_size
-    from .images import check_writable, load_image, save_png
+    from .images import check_image_out, load_image, save_png
 
-    check_writable(args.out)
+    check_image_out(args.out)
     check_decode_args(args.steps, args.cfg, 1.0)
     if args.size:
         check_size(*args.size)
@@ -220,10 +220,12 @@ def cmd_reconstruct(args):
 def cmd_chat(args):
     from . import chat, sessions
     from .decoder import check_decode_args, check_size
-    from .images import check_writable, load_image, save_png
+    from .images import check_image_out, check_writable, load_image, save_png
 
     sessions.check_session_name(args.session)
-    check_writable(args.out)
+    check_image_out(args.out)
+    if args.transcript:
+        check_writable(args.transcript)
     check_decode_args(args.steps, args.cfg, args.strength)
     if args.size:
         check_size(*args.size)
@@ -239,7 +241,7 @@ def cmd_chat(args):
                             strength=args.strength, feather=args.feather, history_features=args.history_features)
     save_png(result.image[0], args.out, {"message": args.message, "seed": args.seed, "reply": result.reply})
     if args.transcript:
-        sessions.write_transcript(result.session, check_writable(args.transcript))
+        sessions.write_transcript(result.session, args.transcript)
     print(json.dumps({"out": args.out, "reply": result.reply, "session": args.session,
                       "turn": len(result.session.turns), **result.record.stats}))
 
@@ -390,13 +392,13 @@ def _replay(args):
     import torch
 
     from .engine import WeGenEngine
-    from .images import check_writable, save_png
+    from .images import check_image_out, save_png
     from .sweep import load_manifest, reproduce
 
     manifest = load_manifest(args.replay)
     if not args.out:
         raise ValueError("--replay needs --out FILE.png")
-    check_writable(args.out)
+    check_image_out(args.out)
     eng = manifest["engine"]
     device = args.device or eng["device"]
     if device.startswith("cpu") and eng.get("threads"):

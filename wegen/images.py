@@ -43,14 +43,30 @@ def encode_image(image: torch.Tensor, text: dict | None = None, fmt: str = "PNG"
 
 
 def save_png(image: torch.Tensor, path: str, text: dict | None = None) -> str:
-    """(H, W, 3) or (1, H, W, 3) -> an image file, written atomically (PNG with optional text chunks; another
-    suffix PIL knows, such as .jpg, picks that format); returns the path."""
-    from PIL import Image
-
+    """(H, W, 3) or (1, H, W, 3) -> an image file, written atomically: PNG with optional text chunks, or the
+    format another suffix names (.jpg, .webp); ValueError for a suffix PIL cannot write. Returns the path."""
     from .files import write_atomic
 
-    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    write_atomic(path, encode_image(image, text, fmt))
+    write_atomic(path, encode_image(image, text, image_format(path)))
+    return path
+
+
+def image_format(path: str) -> str:
+    """The PIL format an output path's suffix names ("PNG" for .png); ValueError if PIL cannot write it."""
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"output path {path}: {ext or 'no extension'} is not an image format this can write; "
+                         f"use .png (or .jpg, .webp)")
+    return fmt
+
+
+def check_image_out(path: str) -> str:
+    """An image output path: a suffix PIL can write and a writable folder (checked before any work)."""
+    check_writable(path)
+    image_format(path)
     return path
 
 
