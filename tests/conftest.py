@@ -41,3 +41,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def session_held():
+    """hold(root, name): a context manager keeping a chat session's lock in another thread (a turn running)."""
+    import contextlib
+    import threading
+
+    from wegen import sessions
+
+    @contextlib.contextmanager
+    def hold(root, name):
+        held, release = threading.Event(), threading.Event()
+
+        def running_turn():
+            with sessions.session_lock(root, name):
+                held.set()
+                release.wait(10)
+
+        worker = threading.Thread(target=running_turn)
+        worker.start()
+        held.wait(10)
+        try:
+            yield
+        finally:
+            release.set()
+            worker.join()
+
+    return hold

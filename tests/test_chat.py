@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 import torch
@@ -325,26 +324,13 @@ def test_undo_reset_fork(engine, session_copy):
     assert sessions.list_sessions(session_copy) == ["fox", "fox-b"]
 
 
-def test_pinned_state_and_busy_session(engine, session_copy):
+def test_pinned_state_and_busy_session(engine, session_copy, session_held):
     before = folder_state(os.path.join(session_copy, "fox"))
     with pytest.raises(sessions.SessionError, match="changed since"):
         chat.chat_turn(engine, session_copy, "fox", "hi", seed=1, expect_turns=(1, 2), **FAST)
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with sessions.session_lock(session_copy, "fox"):
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(10)
-    try:
+    with session_held(session_copy, "fox"):
         with pytest.raises(sessions.SessionError, match="busy"):
             sessions.undo_turn(session_copy, "fox", blocking=False)
-    finally:
-        release.set()
-        t.join()
     assert folder_state(os.path.join(session_copy, "fox")) == before
     ok = chat.chat_turn(engine, session_copy, "fox", "hi", seed=1, expect_turns=(1, 2, 3), **FAST)
     assert ok.session.turn_ids == (1, 2, 3, 4)

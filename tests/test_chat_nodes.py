@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 
 import pytest
 import torch
@@ -161,7 +160,7 @@ def test_routes_register_once_under_wegen(comfy_host, monkeypatch):
         host.add_route("GET", "/chat/session", lambda request: None)
 
 
-def test_route_functions_serve_only_that_sessions_images(comfy_host, model, root):
+def test_route_functions_serve_only_that_sessions_images(comfy_host, model, root, session_held):
     (ref,) = chat_nodes.WeGenChatMemory().open("panel", "continue")
     ref = turn(model, ref, "a cat", images=torch.rand(1, 64, 64, 3))["result"][2]
     summary = chat_nodes.api_session("panel")
@@ -181,22 +180,9 @@ def test_route_functions_serve_only_that_sessions_images(comfy_host, model, root
     assert chat_nodes.api_new("panel") == {"name": "panel-2"}
     os.makedirs(os.path.join(root, "panel-2"))
     assert chat_nodes.api_new("panel-2") == {"name": "panel-3"}
-    held, release = threading.Event(), threading.Event()
-
-    def running_turn():
-        with sessions.session_lock(root, "panel"):
-            held.set()
-            release.wait(10)
-
-    worker = threading.Thread(target=running_turn)
-    worker.start()
-    held.wait(10)
-    try:  # a turn is running: the panel's undo is refused at once, never queued behind it
+    with session_held(root, "panel"):  # a turn is running: the panel's undo is refused at once, never queued
         with pytest.raises(ValueError, match="busy"):
             chat_nodes.api_undo("panel")
-    finally:
-        release.set()
-        worker.join()
     assert chat_nodes.api_undo("panel")["turns"] == []
     with pytest.raises(ValueError, match="no turn to undo"):
         chat_nodes.api_undo("panel")
