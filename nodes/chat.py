@@ -106,7 +106,6 @@ class WeGenChatTurn:
 
     @classmethod
     def INPUT_TYPES(cls):
-        size = {"default": 1024, "min": 64, "max": 4096, "step": 8}
         return {
             "required": {
                 "model": ("WEGEN_MODEL", {"tooltip": "From WeGen Loader."}),
@@ -118,10 +117,10 @@ class WeGenChatTurn:
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Euler steps (release: 50)."}),
                 "cfg": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
                                   "tooltip": "UNet guidance (release: 2.0 or 7.0; <= 1 turns it off)."}),
-                "width": ("INT", {**size, "tooltip": "Output width, a multiple of 8; with strength < 1 or a mask "
-                                                     "it must equal the previous image's."}),
-                "height": ("INT", {**size, "tooltip": "Output height, a multiple of 8; with strength < 1 or a "
-                                                      "mask it must equal the previous image's."}),
+                "width": ("INT", {**convert.SIZE, "tooltip": "Output width, a multiple of 8; with strength < 1 or "
+                                                             "a mask it must equal the previous image's."}),
+                "height": ("INT", {**convert.SIZE, "tooltip": "Output height, a multiple of 8; with strength < 1 or "
+                                                              "a mask it must equal the previous image's."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "Extension (consistency strength): 1.0 = the decoder starts "
                                                   "from noise (release); lower starts from the previous image "

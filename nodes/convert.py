@@ -7,6 +7,7 @@ layout, and its edit mask means the same thing (1 = the area to change).
 from __future__ import annotations
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed widget range
+SIZE = {"default": 1024, "min": 64, "max": 4096, "step": 8}  # width/height widgets (wegen.decoder.MAX_SIDE)
 
 
 def image_in(image, name: str = "image"):

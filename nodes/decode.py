@@ -13,9 +13,8 @@ def _seed_input(default: int):
 
 
 def _size_inputs() -> dict:
-    size = {"default": 1024, "min": 64, "max": 4096, "step": 8}
-    return {"width": ("INT", {**size, "tooltip": "Output width in pixels, a multiple of 8 (release: 1024)."}),
-            "height": ("INT", {**size, "tooltip": "Output height in pixels, a multiple of 8 (release: 1024)."})}
+    return {"width": ("INT", {**convert.SIZE, "tooltip": "Output width in pixels, a multiple of 8 (release: 1024)."}),
+            "height": ("INT", {**convert.SIZE, "tooltip": "Output height in pixels, a multiple of 8 (release: 1024)."})}
 
 
 def _sampling_inputs() -> dict:

@@ -98,7 +98,6 @@ class WeGenDiversitySweep:
 
     @classmethod
     def INPUT_TYPES(cls):
-        size = {"default": 1024, "min": 64, "max": 4096, "step": 8}
         return {
             "required": {
                 "model": ("WEGEN_MODEL", {"tooltip": "From WeGen Loader."}),
@@ -112,8 +111,8 @@ class WeGenDiversitySweep:
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Euler steps (release: 50)."}),
                 "cfg": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
                                   "tooltip": "UNet guidance (release: 2.0 or 7.0; <= 1 turns it off)."}),
-                "width": ("INT", {**size, "tooltip": "Image width, a multiple of 8 (release: 1024)."}),
-                "height": ("INT", {**size, "tooltip": "Image height, a multiple of 8 (release: 1024)."}),
+                "width": ("INT", {**convert.SIZE, "tooltip": "Image width, a multiple of 8 (release: 1024)."}),
+                "height": ("INT", {**convert.SIZE, "tooltip": "Image height, a multiple of 8 (release: 1024)."}),
                 "memory_budget_mb": ("INT", {"default": 4096, "min": 1, "max": 1 << 20,
                                              "tooltip": "Memory (MiB) one batch may take; sets the batch sizes "
                                                         "from an estimate of the UNet/VAE activations."}),
