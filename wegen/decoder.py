@@ -56,6 +56,26 @@ def euler_step(x, eps, sigma: float, sigma_next: float):
     return x + (sigma_next - sigma) * eps
 
 
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # the scheduler config's prediction_type, as diffusers
+
+
+def to_epsilon(output, x, sigma: float, prediction_type: str):
+    """The UNet's output -> the noise it implies at latents `x` (noise level `sigma`), as diffusers' Euler step reads it.
+
+    epsilon (the release's): unchanged. sample: x0 = output. v_prediction: x0 = x / (sigma^2 + 1) - output *
+    sigma / sqrt(sigma^2 + 1). Then eps = (x - x0) / sigma.
+    """
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "sample":
+        x0 = output
+    elif prediction_type == "v_prediction":
+        x0 = x / (sigma * sigma + 1) - output * (sigma / math.sqrt(sigma * sigma + 1))
+    else:
+        raise ValueError(f"scheduler prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return (x - x0) / sigma
+
+
 def cfg_mix(eps_uncond, eps_cond, scale: float):
     """Classifier-free guidance: uncond + scale * (cond - uncond), no rescale."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
@@ -142,6 +162,9 @@ def generate(unet, vae, scheduler, cfg: DecoderConfig, features: torch.Tensor, s
         if mask.shape[1:] != (height, width):
             mask = F.interpolate(mask[:, None], size=(height, width), mode="nearest")[:, 0]
     device, dtype = unet.device, unet.dtype
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
     # 2) conditioning: cond = features, uncond = zeros; CFG batched as [uncond, cond]
     ctx = features.to(device=device, dtype=dtype)  # (B, 64, C)
@@ -189,6 +212,7 @@ def generate(unet, vae, scheduler, cfg: DecoderConfig, features: torch.Tensor, s
         eps = denoise(x_in, t).float().contiguous()  # contiguous: a channels-last UNet returns NHWC strides
         if do_cfg:
             eps = cfg_mix(*eps.chunk(2), guidance_scale)
+        eps = to_epsilon(eps, x, sigma, prediction_type)
         x = euler_step(x, eps, sigma, sigma_next)
         if latent_mask is not None:  # outside the mask: the reference on its own noising path
             x = latent_mask * x + (1 - latent_mask) * (ref_latents + noise * sigma_next)

@@ -61,27 +61,31 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(folder: str, seed: int):
-    """Llama-style BPE sentencepiece model (byte fallback, unk/bos/eos = 0/1/2) + SEED-X's 330 added tokens."""
+def train_tokenizer(folder: str, seed: int, corpus: list[str] | None = None, vocab_size: int = SP_VOCAB):
+    """Llama-style BPE sentencepiece model (byte fallback, unk/bos/eos = 0/1/2) + SEED-X's 330 added tokens.
+
+    `corpus` defaults to the tiny checkpoint's random word soup; the toy WeGen passes the shapes world's words.
+    """
     import sentencepiece as spm
 
     os.makedirs(folder, exist_ok=True)
     model = io.BytesIO()  # in memory: no temp path ends up inside the model's trainer spec
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(seed)), model_writer=model, vocab_size=SP_VOCAB, model_type="bpe",
+        sentence_iterator=iter(corpus if corpus is not None else _corpus(seed)), model_writer=model,
+        vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
         split_digits=True, num_threads=1, minloglevel=2, shuffle_input_sentence=False)
     with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())
-    added = {tok: SP_VOCAB + i for i, tok in enumerate(seedx_added_tokens())}
+    added = {tok: vocab_size + i for i, tok in enumerate(seedx_added_tokens())}
     _write_json(os.path.join(folder, "added_tokens.json"), added)
     _write_json(os.path.join(folder, "special_tokens_map.json"),
                 {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     _write_json(os.path.join(folder, "tokenizer_config.json"),
                 {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False,
                  "model_max_length": 4096, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    return SP_VOCAB + len(added)
+    return vocab_size + len(added)
 
 
 def _write_json(path: str, obj):
