@@ -42,9 +42,13 @@ def _add_engine_args(p, checkpoint_required=True):
 
 def _add_decode_args(p):
     p.add_argument("--seed", type=int, default=42, help="official: 42")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps, 1..1000 (official: 50)")
-    p.add_argument("--cfg", type=float, default=2.0, help="UNet guidance (official: 2 for FID, 7 for CLIP-T)")
-    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the UNet's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Euler steps, 1..1000 (default: the checkpoint's recommendation, else the release's 50)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="UNet guidance (default: the checkpoint's recommendation, else 2.0; the release uses 2 for "
+                        "FID, 7 for CLIP-T)")
+    p.add_argument("--size", type=_size, default=None,
+                   help="WIDTHxHEIGHT, multiples of 8 (default: the checkpoint's recommendation, else the UNet's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="reference image (repeatable)")
     _add_decode_args(p)
     p.add_argument("--var-cfg", type=float, default=1.0, help="var-cfg scale (official: 1 = off)")
-    p.add_argument("--feature-slice", default="official", choices=["official", "aligned"])
+    p.add_argument("--feature-slice", default=None, choices=["official", "aligned"],
+                   help="default: the checkpoint's recommendation, else the release's 'official'")
     p.add_argument("--no-force-image", action="store_true", help="let the model decide to emit <img> (official)")
     p.add_argument("--out", required=True, help="output PNG path")
 
@@ -106,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_psr_parsers(sub)
 
+    p = sub.add_parser("diic", help="mine single-change edit sequences from shapes-world clips (DIIC stand-in)")
+    p.add_argument("clips", metavar="CLIPS_OR_COUNT", help="how many clips to generate, or a folder whose "
+                                                            "subfolders each hold one clip's frames as PNG files")
+    p.add_argument("out", metavar="OUT", help="output folder: sequences.jsonl, summary.json, PNGs")
+    p.add_argument("--seed", type=int, default=0, help="generated clips: clip i is drawn from (seed, i)")
+
+    p = sub.add_parser("train-toy", help="train the toy WeGen on the shapes world (resumable) -> OUT/wegen-toy")
+    p.add_argument("out", help="working folder (stage checkpoints, bank, DIIC data, train.log)")
+    p.add_argument("--stage", action="append", default=None,
+                   help="run only this stage (repeatable): tokenizer, tower, vae, bank, diic, stage1, stage2, "
+                        "export, or all (default)")
+    p.add_argument("--steps", action="append", default=[], metavar="STAGE=N",
+                   help="steps of one stage (repeatable), e.g. --steps stage1=3000")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (stage1 and stage2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
     p = sub.add_parser("demo", help="tiny checkpoint (built if missing) -> output/demo/ with index.html")
     p.add_argument("--checkpoint", default=DEFAULT_TINY)
     p.add_argument("--out", default=os.path.join("output", "demo"))
@@ -121,16 +143,31 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .loading import CheckpointError
-
     try:
+        if args.command in RECOMMENDED_FOR:
+            _apply_recommended(args)
         return COMMANDS[args.command](args) or 0
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError) as e:  # loading.CheckpointError is a ValueError
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+RECOMMENDED_FOR = ("generate", "reconstruct", "chat", "sweep")
+
+
+def _apply_recommended(args):
+    """Decode settings left unset -> the checkpoint's recommendation (an extension; the release's values otherwise)."""
+    from .loading import RELEASE_SETTINGS, recommended_settings
+
+    values = recommended_settings(args.checkpoint) if args.checkpoint else dict(RELEASE_SETTINGS)
+    for key in ("steps", "cfg", "feature_slice"):
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, values[key])
+    if args.size is None and "width" in values and "height" in values:
+        args.size = (values["width"], values["height"])
 
 
 def _engine(args):
@@ -244,6 +281,37 @@ def cmd_chat(args):
         sessions.write_transcript(result.session, args.transcript)
     print(json.dumps({"out": args.out, "reply": result.reply, "session": args.session,
                       "turn": len(result.session.turns), **result.record.stats}))
+
+
+def cmd_diic(args):
+    from .diic import run
+
+    try:
+        source = int(args.clips)
+    except ValueError:
+        source = args.clips
+    if isinstance(source, int) and not 1 <= source <= 1_000_000:
+        raise ValueError(f"CLIPS_OR_COUNT must be a clip count in 1..1000000 or a folder of clip folders, "
+                         f"got {args.clips}")
+    try:
+        summary = run(source, args.out, seed=args.seed)
+    except OSError as e:
+        raise ValueError(f"{args.out}: cannot be written ({e.strerror or e})") from e
+    print(json.dumps(summary))
+
+
+def cmd_train_toy(args):
+    from .train.run import STAGES, train_toy
+
+    stages = STAGES if not args.stage or "all" in args.stage else tuple(args.stage)
+    steps = {}
+    for item in args.steps:
+        stage, _, n = item.partition("=")
+        try:
+            steps[stage] = int(n)
+        except ValueError:
+            raise ValueError(f"--steps takes STAGE=N, got {item!r}") from None
+    print(train_toy(args.out, stages, steps, device=args.device, seed=args.seed, threads=args.threads))
 
 
 def cmd_demo(args):
@@ -429,5 +497,7 @@ def _print_job(record):
 
 
 COMMANDS = {"make-tiny": cmd_make_tiny, "convert": cmd_convert, "generate": cmd_generate,
-            "understand": cmd_understand, "reconstruct": cmd_reconstruct, "chat": cmd_chat, "demo": cmd_demo}
+            "understand": cmd_understand, "reconstruct": cmd_reconstruct, "chat": cmd_chat, "demo": cmd_demo,
+            "diic": cmd_diic}
+COMMANDS["train-toy"] = cmd_train_toy
 COMMANDS.update({"rewrite": cmd_rewrite, "sweep": cmd_sweep, "queue": cmd_queue})

@@ -83,6 +83,9 @@ class WeGenEngine:
         self.offload = offload
         self.parts = parts
         self.report = parts.report
+        # steps / cfg / size / feature_slice this checkpoint is meant to run with (release settings by default)
+        self.recommended = {**loading.RELEASE_SETTINGS, "width": parts.decoder_cfg.default_size,
+                            "height": parts.decoder_cfg.default_size, **parts.recommended}
         self.tokenizer = prompting.WeGenTokenizer(parts.tokenizer_dir)
         self.mllm_cfg, self.eva_cfg, self.decoder_cfg = parts.mllm_cfg, parts.eva_cfg, parts.decoder_cfg
         self.image_ids = self.tokenizer.image_token_ids(self.mllm_cfg.n_gen_tokens)

@@ -44,6 +44,12 @@ FINAL_FILE = "pytorch_model.bin"
 SIDECAR_FILE = "wegen_sidecar.json"
 SIDECAR_KEYS = {"n_query_tokens": 64, "n_gen_tokens": 64, "eva_head_width": 112, "image_size": 448}
 CONVERTED_CONFIG = "wegen_config.json"
+# Checkpoints that ship inside the pack (converted layout), found by name from anywhere: `--checkpoint wegen-toy`.
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED_DIR = os.path.join(PACK_ROOT, "checkpoints")
+# The release's inference settings (src/eval/inference.py): what a checkpoint without a `recommended` entry gets.
+RELEASE_SETTINGS = {"steps": 50, "cfg": 2.0, "feature_slice": "official"}
+RECOMMENDED_KEYS = ("steps", "cfg", "width", "height", "feature_slice")
 CONVERTED_FILES = ("eva.safetensors", "mllm.safetensors", "unet.safetensors", "vae.safetensors")
 
 # Agent keys that carry no weights used at inference (reported as ignored, never dropped silently).
@@ -84,16 +90,30 @@ class LoadedParts:
     unet_state: dict
     vae_state: dict
     report: LoadReport
+    recommended: dict = field(default_factory=dict)  # extension: the checkpoint's own steps/cfg/size/slice
 
 
 # Locating files ----------------------------------------------------------------------------------
 
+def bundled_checkpoints() -> dict:
+    """{name: folder} of the checkpoints shipped in the pack's checkpoints/ folder."""
+    if not os.path.isdir(BUNDLED_DIR):
+        return {}
+    return {name: os.path.join(BUNDLED_DIR, name) for name in sorted(os.listdir(BUNDLED_DIR))
+            if os.path.isfile(os.path.join(BUNDLED_DIR, name, CONVERTED_CONFIG))}
+
+
 def resolve_checkpoint(path: str) -> tuple[str, str]:
-    """(layout, root) for a `wegen_mllm_ckpt/` folder, its parent, or a converted folder."""
+    """(layout, root) for a `wegen_mllm_ckpt/` folder, its parent, a converted folder, or a bundled name."""
+    name = str(path)
+    bundled = bundled_checkpoints()
+    if name in bundled and not os.path.isdir(os.path.expanduser(name)):
+        path = bundled[name]
     path = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.isdir(path):
+        names = ", ".join(bundled) or "none"
         raise CheckpointError(f"checkpoint folder not found: {path} (give the wegen_mllm_ckpt/ folder, its parent, "
-                              f"or a folder written by `python -m wegen convert`)")
+                              f"a folder written by `python -m wegen convert`, or a bundled name: {names})")
     if os.path.isfile(os.path.join(path, CONVERTED_CONFIG)):
         return "converted", path
     if os.path.isdir(os.path.join(path, "pretrained")) or os.path.isfile(os.path.join(path, FINAL_FILE)):
@@ -272,8 +292,37 @@ def load_converted(root: str) -> LoadedParts:
     _need(root, "tokenizer/tokenizer.model")
     report = LoadReport("converted", root, sources=list(CONVERTED_FILES))
     states = [load_safetensors(os.path.join(root, name)) for name in CONVERTED_FILES]
-    return _assemble(os.path.join(root, "tokenizer"), config["constants"], config["llama"], config["unet"],
-                     config["vae"], config["scheduler"], *states, report)
+    parts = _assemble(os.path.join(root, "tokenizer"), config["constants"], config["llama"], config["unet"],
+                      config["vae"], config["scheduler"], *states, report)
+    parts.recommended = check_recommended(config.get("recommended", {}), os.path.join(root, CONVERTED_CONFIG))
+    return parts
+
+
+def check_recommended(values, path: str) -> dict:
+    """A checkpoint's `recommended` settings (an extension), checked: unknown keys or bad values name the file."""
+    if not isinstance(values, dict) or set(values) - set(RECOMMENDED_KEYS):
+        raise CheckpointError(f"{path}: 'recommended' must be an object with keys among {list(RECOMMENDED_KEYS)}, "
+                              f"got {values!r}")
+    for key in ("steps", "width", "height"):
+        if key in values and (not isinstance(values[key], int) or values[key] <= 0):
+            raise CheckpointError(f"{path}: recommended {key} must be a positive integer, got {values[key]!r}")
+    if "cfg" in values and (not isinstance(values["cfg"], (int, float)) or values["cfg"] < 0):
+        raise CheckpointError(f"{path}: recommended cfg must be a number >= 0, got {values['cfg']!r}")
+    if values.get("feature_slice", "official") not in ("official", "aligned"):
+        raise CheckpointError(f"{path}: recommended feature_slice must be 'official' or 'aligned', "
+                              f"got {values['feature_slice']!r}")
+    return dict(values)
+
+
+def recommended_settings(checkpoint: str) -> dict:
+    """steps, cfg, feature_slice (+ width/height where the checkpoint names them) without loading weights:
+    the checkpoint's `recommended` entry over the release's settings."""
+    layout, root = resolve_checkpoint(checkpoint)
+    values = dict(RELEASE_SETTINGS)
+    if layout == "converted":
+        path = os.path.join(root, CONVERTED_CONFIG)
+        values.update(check_recommended(read_json(path).get("recommended", {}), path))
+    return values
 
 
 def load_parts(checkpoint: str) -> LoadedParts:
