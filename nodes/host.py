@@ -83,9 +83,17 @@ def model_folders() -> list[str]:
     return list(dict.fromkeys(os.path.abspath(f) for f in folders))
 
 
+def bundled_checkpoints() -> dict:
+    """{name: folder} of the checkpoints shipped inside the pack (checkpoints/<name>, e.g. wegen-toy)."""
+    return wegen("loading").bundled_checkpoints()
+
+
 def list_checkpoints() -> list[str]:
-    """Sorted names of the subfolders of the model folders that hold either checkpoint layout (a few stats each)."""
+    """The Loader's choices: the pack's bundled checkpoints first (no setup needed), then the sorted names of the
+    subfolders of the model folders that hold either checkpoint layout (a few stats each). A model-folder
+    checkpoint named like a bundled one is listed once, and find_checkpoint gives the model folder's."""
     resolve, error = wegen("loading").resolve_checkpoint, wegen("loading").CheckpointError
+    bundled = list(bundled_checkpoints())
     names = []
     for folder in model_folders():
         if not os.path.isdir(folder):
@@ -96,13 +104,17 @@ def list_checkpoints() -> list[str]:
             except (error, OSError):
                 continue
             names.append(name)
-    return sorted(set(names))
+    return bundled + sorted(set(names) - set(bundled))
 
 
 def find_checkpoint(name: str) -> str:
-    """A checkpoint name from the loader's list (or, for headless runs, a folder path) -> its folder."""
+    """A checkpoint name from the loader's list (or, for headless runs, a folder path) -> its folder.
+
+    Names are looked up in the model folders first (so a models/wegen/<name> folder replaces a bundled checkpoint
+    of the same name), then among the pack's bundled checkpoints."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"checkpoint must be the name of a folder under models/{MODEL_FOLDER}/, got {name!r}")
+        raise ValueError(f"checkpoint must be the name of a folder under models/{MODEL_FOLDER}/ or of a bundled "
+                         f"checkpoint, got {name!r}")
     if os.path.isabs(os.path.expanduser(name)):
         wegen("loading").resolve_checkpoint(name)  # names the missing files
         return os.path.abspath(os.path.expanduser(name))
@@ -112,9 +124,13 @@ def find_checkpoint(name: str) -> str:
         if os.path.isdir(path):
             wegen("loading").resolve_checkpoint(path)
             return path
-    raise FileNotFoundError(f"checkpoint {name!r} not found in the WeGen model folders {folders}; put a checkpoint "
-                            f"folder (the official wegen_mllm_ckpt/ layout or a `python -m wegen convert` folder) "
-                            f"there, or run `python -m wegen make-tiny {os.path.join(folders[0], 'tiny')}`")
+    bundled = bundled_checkpoints()
+    if name in bundled:
+        return bundled[name]
+    raise FileNotFoundError(f"checkpoint {name!r} not found in the WeGen model folders {folders} nor among the "
+                            f"bundled checkpoints ({', '.join(bundled) or 'none'}); put a checkpoint folder (the "
+                            f"official wegen_mllm_ckpt/ layout or a `python -m wegen convert` folder) there, or run "
+                            f"`python -m wegen make-tiny {os.path.join(folders[0], 'tiny')}`")
 
 
 # The WEGEN_MODEL handle ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ IMAGE layout, seeds, interrupts, bad inputs. Tiny checkpoint, 64 px, 2-3 steps."
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 import torch
@@ -111,9 +112,36 @@ def test_loader_lists_checkpoint_folders(comfy_host, tmp_path, tiny_ckpt):
     (extra / "stray_file.txt").write_text("x")
     folder_paths = comfy_host.modules["folder_paths"]
     folder_paths.add_model_folder_path("wegen", str(extra))  # what an extra_model_paths.yaml entry does
-    names = WeGenLoader.INPUT_TYPES()["required"]["checkpoint"][0]
-    assert names == ["tiny", "tiny_copy"]
+    names, opts = WeGenLoader.INPUT_TYPES()["required"]["checkpoint"]
+    assert names == ["wegen-toy", "tiny", "tiny_copy"]  # the bundled checkpoint first, with no setup
+    assert opts["default"] == "wegen-toy"
     assert os.path.join(comfy_host.models_dir, "wegen") in folder_paths.get_folder_paths("wegen")
+
+
+def test_loader_finds_the_bundled_checkpoint_by_name(comfy_host):
+    from wegen.loading import BUNDLED_DIR
+
+    assert host.find_checkpoint("wegen-toy") == os.path.join(BUNDLED_DIR, "wegen-toy")
+    model = WeGenLoader().load("wegen-toy", "fp32", "cpu")[0]
+    assert model.checkpoint == os.path.join(BUNDLED_DIR, "wegen-toy")
+    assert "wegen-toy" in WeGenLoader.DESCRIPTION
+
+
+def test_a_model_folder_named_like_a_bundled_checkpoint_replaces_it(comfy_host, tmp_path, tiny_ckpt):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    os.symlink(tiny_ckpt, extra / "wegen-toy")
+    comfy_host.modules["folder_paths"].add_model_folder_path("wegen", str(extra))
+    names = WeGenLoader.INPUT_TYPES()["required"]["checkpoint"][0]
+    assert names == ["wegen-toy", "tiny"]  # listed once
+    assert host.find_checkpoint("wegen-toy") == str(extra / "wegen-toy")
+
+
+def test_bundled_checkpoint_listed_without_comfyui(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no models/wegen here
+    assert host.comfy() is None
+    assert host.list_checkpoints()[0] == "wegen-toy"
+    assert WeGenLoader.INPUT_TYPES()["required"]["checkpoint"][1]["default"] == "wegen-toy"
 
 
 def test_loader_returns_handle_to_cached_engine(model, engine):
