@@ -95,7 +95,9 @@ class WeGenChatTurn:
                    "features) plus this message and its images; the turn is saved to the session only when it "
                    "succeeds. Consistency options (extension): strength < 1 starts the decoder from the previous "
                    "image; a mask (1 = change) keeps every pixel outside it exactly as in the previous image. "
-                   "Chain several Chat Turns to refine step by step.")
+                   "Chain several Chat Turns to refine step by step. The MLLM uses the checkpoint's recommended "
+                   "feature slice; steps, cfg and size left at their defaults (0, -1, 0 x 0) use the checkpoint's "
+                   "recommendation too (extension).")
     RETURN_TYPES = ("IMAGE", "STRING", "WEGEN_CHAT")
     RETURN_NAMES = ("image", "reply", "chat")
     OUTPUT_TOOLTIPS = ("The generated image, float (1, H, W, 3) in 0..1.",
@@ -114,13 +116,12 @@ class WeGenChatTurn:
                                        "tooltip": "What you ask for in this turn."}),
                 "seed": ("INT", {"default": 42, "min": 0, "max": convert.MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Seed of the decoder noise (and of text sampling) for this turn."}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Euler steps (release: 50)."}),
-                "cfg": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                                  "tooltip": "UNet guidance (release: 2.0 or 7.0; <= 1 turns it off)."}),
-                "width": ("INT", {**convert.SIZE, "tooltip": "Output width, a multiple of 8; with strength < 1 or "
-                                                             "a mask it must equal the previous image's."}),
-                "height": ("INT", {**convert.SIZE, "tooltip": "Output height, a multiple of 8; with strength < 1 or "
-                                                              "a mask it must equal the previous image's."}),
+                "steps": ("INT", {**convert.STEPS, "tooltip": convert.STEPS_TIP}),
+                "cfg": ("FLOAT", {**convert.CFG, "tooltip": convert.CFG_TIP}),
+                "width": ("INT", {**convert.SIZE, "tooltip": f"Output width, {convert.SIZE_TIP} With strength < 1 "
+                                                             f"or a mask it must equal the previous image's."}),
+                "height": ("INT", {**convert.SIZE, "tooltip": f"Output height, {convert.SIZE_TIP} With strength < 1 "
+                                                              f"or a mask it must equal the previous image's."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "Extension (consistency strength): 1.0 = the decoder starts "
                                                   "from noise (release); lower starts from the previous image "
@@ -154,10 +155,11 @@ class WeGenChatTurn:
         if history_features not in HISTORY_FEATURES:
             raise ValueError(f"history_features must be one of {list(HISTORY_FEATURES)}, got {history_features!r}")
         engine = host.load_engine(model)
+        settings = convert.decode_settings(engine, steps, cfg, width, height)
         result = host.wegen("chat").chat_turn(
-            engine, chat.root, chat.name, message, images, seed=seed, steps=steps, cfg=cfg, width=width,
-            height=height, reference="auto", mask=mask, strength=strength, feather=feather,
-            history_features=history_features, expect_turns=chat.turn_ids,
+            engine, chat.root, chat.name, message, images, seed=seed, **settings, reference="auto", mask=mask,
+            strength=strength, feather=feather, history_features=history_features,
+            feature_slice=engine.recommended["feature_slice"], expect_turns=chat.turn_ids,
             stage=functools.partial(host.stage, model, engine))
         host.show_text(unique_id, result.reply)
         session = result.session

@@ -13,16 +13,13 @@ def _seed_input(default: int):
 
 
 def _size_inputs() -> dict:
-    return {"width": ("INT", {**convert.SIZE, "tooltip": "Output width in pixels, a multiple of 8 (release: 1024)."}),
-            "height": ("INT", {**convert.SIZE, "tooltip": "Output height in pixels, a multiple of 8 (release: 1024)."})}
+    return {"width": ("INT", {**convert.SIZE, "tooltip": f"Output width in pixels, {convert.SIZE_TIP}"}),
+            "height": ("INT", {**convert.SIZE, "tooltip": f"Output height in pixels, {convert.SIZE_TIP}"})}
 
 
 def _sampling_inputs() -> dict:
-    return {"steps": ("INT", {"default": 50, "min": 1, "max": 1000,
-                              "tooltip": "Euler steps (release: 50)."}),
-            "cfg": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                              "tooltip": "UNet guidance against an all-zero condition (release: 2.0 for its FID "
-                                         "run, 7.0 for its CLIP-T run; <= 1 turns guidance off)."})}
+    return {"steps": ("INT", {**convert.STEPS, "tooltip": convert.STEPS_TIP}),
+            "cfg": ("FLOAT", {**convert.CFG, "tooltip": convert.CFG_TIP})}
 
 
 def check_consistency(reference, mask, strength: float, feather: int, width: int, height: int) -> None:
@@ -71,7 +68,9 @@ class WeGenConsistencyDecode:
                    "(consistency-aware decoding): a reference image starts the latents from the reference at "
                    "'strength' (< 1); a mask (1 = change) keeps everything outside it exactly as in the "
                    "reference, blending over 'feather' pixels. Combinations that would ignore an input are "
-                   "refused with a message.")
+                   "refused with a message. Steps, cfg and size left at their defaults (0, -1, 0 x 0) use the "
+                   "checkpoint's recommendation (extension; e.g. 20 steps, cfg 2.0, 64 x 64 for wegen-toy, the "
+                   "release's 50 steps, cfg 2.0, 1024 x 1024 for its weights).")
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
     OUTPUT_TOOLTIPS = ("Decoded images, float (B, H, W, 3) in 0..1.",)
@@ -105,8 +104,10 @@ class WeGenConsistencyDecode:
 
     def decode(self, model, cond, seed, steps, cfg, width, height, reference=None, mask=None, strength=1.0,
                feather=16):
-        host.wegen("decoder").check_size(width, height)
         engine = host.load_engine(model)
+        settings = convert.decode_settings(engine, steps, cfg, width, height)
+        host.wegen("decoder").check_size(settings["width"], settings["height"])
+        width, height = settings["width"], settings["height"]
         features = convert.cond_in(cond, (engine.mllm_cfg.n_gen_tokens, engine.mllm_cfg.feature_dim))
         reference = None if reference is None else convert.image_in(reference, "reference")
         mask = None if mask is None else convert.mask_in(mask, "mask")
@@ -114,9 +115,9 @@ class WeGenConsistencyDecode:
         B = convert.batch_size(cond=features.shape[0], reference=None if reference is None else reference.shape[0],
                                mask=None if mask is None else mask.shape[0])
         with host.stage(model, engine, "unet", "vae") as progress:
-            images = engine.decode(convert.repeat_rows(features, B), seed=convert.seeds(seed, B), steps=steps,
-                                   cfg=cfg, width=width, height=height, reference=reference, mask=mask,
-                                   strength=strength, feather=feather, callback=progress)
+            images = engine.decode(convert.repeat_rows(features, B), seed=convert.seeds(seed, B), **settings,
+                                   reference=reference, mask=mask, strength=strength, feather=feather,
+                                   callback=progress)
         return (convert.image_out(images),)
 
 
@@ -125,7 +126,8 @@ class WeGenReconstruct:
     CATEGORY = "WeGen/sampling"
     DESCRIPTION = ("Image -> EVA-CLIP features (4x4 pooled to 64 tokens) -> UNet + VAE -> image: the release's "
                    "detokenizer sanity path, showing what the 64 features keep of a picture. Batches give one "
-                   "reconstruction per image.")
+                   "reconstruction per image. Steps, cfg and size left at their defaults (0, -1, 0 x 0) use the "
+                   "checkpoint's recommendation (extension).")
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
     OUTPUT_TOOLTIPS = ("Reconstructed images, float (B, H, W, 3) in 0..1.",)
@@ -142,12 +144,13 @@ class WeGenReconstruct:
         }}
 
     def reconstruct(self, model, images, seed, steps, cfg, width, height):
-        host.wegen("decoder").check_size(width, height)
         engine = host.load_engine(model)
+        settings = convert.decode_settings(engine, steps, cfg, width, height)
+        host.wegen("decoder").check_size(settings["width"], settings["height"])
         images = convert.image_in(images, "images")
         with host.stage(model, engine, "eva", "unet", "vae") as progress:
-            out = engine.reconstruct(images, seed=convert.seeds(seed, images.shape[0]), steps=steps, cfg=cfg,
-                                     width=width, height=height, callback=progress)
+            out = engine.reconstruct(images, seed=convert.seeds(seed, images.shape[0]), **settings,
+                                     callback=progress)
         return (convert.image_out(out),)
 
 

@@ -11,7 +11,8 @@ class WeGenMLLMEncode:
                    "block in the prompt, in batch order) and returns the 64 image features the model writes, plus "
                    "its reply text. Connect the cond to WeGen Consistency Decode. Release defaults: greedy "
                    "decoding (temperature 0), var-cfg 1 (off), the official feature slice. Extensions: sampling "
-                   "(temperature/top_p/seed), feature_slice 'aligned', force_image.")
+                   "(temperature/top_p/seed), feature_slice 'aligned', or 'checkpoint' (the default: the "
+                   "checkpoint's recommendation, official for the release's weights), force_image.")
     RETURN_TYPES = ("WEGEN_COND", "STRING")
     RETURN_NAMES = ("cond", "reply")
     OUTPUT_TOOLTIPS = ("The 64 image features (+ prompt and reply) for WeGen Consistency Decode.",
@@ -37,10 +38,12 @@ class WeGenMLLMEncode:
                 "var_cfg_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
                                             "tooltip": "The release's guidance on the image-slot hidden states; "
                                                        "1.0 = off (release default)."}),
-                "feature_slice": (["official", "aligned"], {
-                    "default": "official",
+                "feature_slice": (list(convert.FEATURE_SLICES), {
+                    "default": convert.CHECKPOINT_DEFAULT,
                     "tooltip": "Which 64 hidden states become features. official = the release; aligned = "
-                               "shifted by one so each slot reads its own state (extension)."}),
+                               "shifted by one so each slot reads its own state (extension); checkpoint = what "
+                               "the checkpoint recommends (extension: aligned for wegen-toy, official for the "
+                               "release's weights)."}),
                 "force_image": ("BOOLEAN", {"default": True,
                                             "tooltip": "Start the image block right after the prompt so every "
                                                        "run yields an image (extension). Off = the release: the "
@@ -54,13 +57,14 @@ class WeGenMLLMEncode:
         }
 
     def encode(self, model, text, seed=0, temperature=0.0, top_p=1.0, max_new_tokens=512, var_cfg_scale=1.0,
-               feature_slice="official", force_image=True, images=None, unique_id=None):
+               feature_slice=convert.CHECKPOINT_DEFAULT, force_image=True, images=None, unique_id=None):
         text = convert.text_in(text, "text")
         refs = None if images is None else convert.image_in(images, "images")
         if not text.strip() and refs is None:
             raise ValueError("text is empty and no images are connected: give a prompt, images, or both")
         seed = convert.seeds(seed, 1)[0]
         engine = host.load_engine(model)
+        feature_slice = convert.feature_slice(engine, feature_slice)
         with host.stage(model, engine, "mllm", *(("eva",) if refs is not None else ())) as progress:
             cond = engine.encode(text, refs, seed=seed, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, var_cfg_scale=var_cfg_scale,

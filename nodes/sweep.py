@@ -85,7 +85,9 @@ class WeGenDiversitySweep:
                    "seed). Saves the sweep folder under the output folder: the PNGs, contact_sheet.png and "
                    "sweep.json (every prompt, seed and setting, to make any image again exactly with `python -m "
                    "wegen sweep --replay`). Shows a diversity figure (mean pairwise distance of the 64-token "
-                   "features and of the pixels). Prompts: connect WeGen Prompt Self-Rewrite, or type one per line.")
+                   "features and of the pixels). Prompts: connect WeGen Prompt Self-Rewrite, or type one per "
+                   "line. The MLLM uses the checkpoint's recommended feature slice; steps, cfg and size left at "
+                   "their defaults (0, -1, 0 x 0) use the checkpoint's recommendation too.")
     RETURN_TYPES = ("IMAGE", "STRING", "IMAGE")
     RETURN_NAMES = ("images", "prompts", "contact_sheet")
     OUTPUT_IS_LIST = (False, True, False)
@@ -108,11 +110,10 @@ class WeGenDiversitySweep:
                                  "tooltip": "First image seed (release: 42)."}),
                 "seeds": ("INT", {"default": 2, "min": 1, "max": 256,
                                   "tooltip": "How many seeds per prompt: seed, seed + 1, ..."}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Euler steps (release: 50)."}),
-                "cfg": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                                  "tooltip": "UNet guidance (release: 2.0 or 7.0; <= 1 turns it off)."}),
-                "width": ("INT", {**convert.SIZE, "tooltip": "Image width, a multiple of 8 (release: 1024)."}),
-                "height": ("INT", {**convert.SIZE, "tooltip": "Image height, a multiple of 8 (release: 1024)."}),
+                "steps": ("INT", {**convert.STEPS, "tooltip": convert.STEPS_TIP}),
+                "cfg": ("FLOAT", {**convert.CFG, "tooltip": convert.CFG_TIP}),
+                "width": ("INT", {**convert.SIZE, "tooltip": f"Image width, {convert.SIZE_TIP}"}),
+                "height": ("INT", {**convert.SIZE, "tooltip": f"Image height, {convert.SIZE_TIP}"}),
                 "memory_budget_mb": ("INT", {"default": 4096, "min": 1, "max": 1 << 20,
                                              "tooltip": "Memory (MiB) one batch may take; sets the batch sizes "
                                                         "from an estimate of the UNet/VAE activations."}),
@@ -135,11 +136,12 @@ class WeGenDiversitySweep:
         first = convert.seeds(one["seed"], 1)[0]
         sw = host.wegen("sweep")
         seed_list = sw.check_seeds(convert.seeds(first, _count(one["seeds"])))
-        settings = sw.SweepSettings(steps=one["steps"], cfg=one["cfg"], width=one["width"], height=one["height"],
+        engine = host.load_engine(one["model"])  # cached since the Loader ran: its recommendation fills the 0s
+        decode = convert.decode_settings(engine, one["steps"], one["cfg"], one["width"], one["height"])
+        settings = sw.SweepSettings(**decode, feature_slice=engine.recommended["feature_slice"],
                                     memory_budget_mb=one["memory_budget_mb"], max_batch=one["max_batch"])
         sw.check_sweep_inputs(texts, seed_list, settings)
         folder, subfolder = sweep_folder(one["save_to"])
-        engine = host.load_engine(one["model"])
         with host.stage(one["model"], engine, "mllm", "unet", "vae") as progress:
             result = sw.sweep(engine, texts, seed_list, settings, out_dir=folder, callback=progress)
         host.show_text(one["unique_id"], diversity_text(result.diversity))

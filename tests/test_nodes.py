@@ -3,6 +3,7 @@ IMAGE layout, seeds, interrupts, bad inputs. Tiny checkpoint, 64 px, 2-3 steps."
 from __future__ import annotations
 
 import inspect
+import json
 import os
 
 import pytest
@@ -268,7 +269,8 @@ def test_decode_accepts_a_2d_mask_of_the_same_aspect(model, cond):
     (dict(reference=image(), mask=center_mask(), feather=-1), ["feather", "-1"]),
     (dict(strength=1.5), ["strength must be in 0..1"]),
     (dict(width=60), ["width", "multiple of 8", "60"]),
-    (dict(steps=0), ["steps", "1..1000"]),
+    (dict(steps=-1), ["steps", "1..1000"]),
+    (dict(cfg=-0.5), ["cfg", ">= 0", "-1", "checkpoint's recommendation"]),
     (dict(reference=image(), strength=0.01, steps=2), ["no denoising step"]),
 ])
 def test_decode_refuses_what_it_cannot_do(model, cond, kwargs, words):
@@ -302,7 +304,7 @@ def test_reconstruct_batch_and_seed(model):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(images=torch.rand(64, 64)), ["images", "(B, H, W, 3)"]),
     (dict(images="pic.png"), ["images must be an IMAGE"]),
-    (dict(height=0), ["height", "multiple of 8"]),
+    (dict(height=-8), ["height", "multiple of 8"]),
 ])
 def test_reconstruct_bad_inputs(model, kwargs, words):
     args = {"images": image(), "seed": 0, **SMALL, **kwargs}
@@ -477,3 +479,76 @@ def test_pack_imports_the_way_comfyui_loads_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, root], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert set(NODE_CLASS_MAPPINGS) == set(out.stdout.split()[0].split(","))
+
+
+# The checkpoint's recommended settings (0 / -1 / "checkpoint" widget values) ------------------------------
+
+def test_decode_widget_defaults_leave_the_settings_to_the_checkpoint():
+    from nodes.chat import WeGenChatTurn
+    from nodes.sweep import WeGenDiversitySweep
+
+    for cls in (WeGenConsistencyDecode, WeGenReconstruct, WeGenChatTurn, WeGenDiversitySweep):
+        req = cls.INPUT_TYPES()["required"]
+        assert [req[k][1]["default"] for k in ("steps", "cfg", "width", "height")] == [0, -1.0, 0, 0], cls
+        assert [req[k][1]["min"] for k in ("steps", "cfg", "width", "height")] == [0, -1.0, 0, 0], cls
+        for k in ("steps", "cfg", "width", "height"):
+            assert "checkpoint's recommendation" in req[k][1]["tooltip"], (cls, k)
+        assert "recommend" in cls.DESCRIPTION
+    choices, opts = WeGenMLLMEncode.INPUT_TYPES()["required"]["feature_slice"]
+    assert choices[:2] == ["official", "aligned"] and opts["default"] == "checkpoint"  # saved values stay valid
+
+
+def test_release_settings_for_a_checkpoint_without_a_recommendation(engine):
+    from nodes import convert
+
+    size = engine.decoder_cfg.default_size
+    assert convert.decode_settings(engine, 0, -1.0, 0, 0) == {"steps": 50, "cfg": 2.0, "width": size, "height": size}
+    assert convert.decode_settings(engine, 3, 0.0, 64, 128) == {"steps": 3, "cfg": 0.0, "width": 64, "height": 128}
+    assert convert.feature_slice(engine, "checkpoint") == "official"
+    assert convert.feature_slice(engine, "aligned") == "aligned"
+
+
+@pytest.fixture
+def toy(comfy_host):
+    return WeGenLoader().load("wegen-toy", "fp32", "cpu")[0]
+
+
+def test_toy_defaults_follow_its_recommendation(comfy_host, toy):
+    from wegen.loading import recommended_settings
+
+    rec = recommended_settings("wegen-toy")
+    assert host.load_engine(toy).recommended == rec
+    text = "a large red circle at the top left on a white background"
+    cond = WeGenMLLMEncode().encode(toy, text)[0]  # feature_slice left to the checkpoint
+    assert torch.equal(cond.features, WeGenMLLMEncode().encode(toy, text, feature_slice=rec["feature_slice"])[0].features)
+    comfy_host.updates.clear()
+    out = WeGenConsistencyDecode().decode(toy, cond, seed=1, steps=0, cfg=-1.0, width=0, height=0)[0]
+    assert len(comfy_host.updates) == rec["steps"]
+    check_image(out, 1, rec["height"], rec["width"])
+    explicit = WeGenConsistencyDecode().decode(toy, cond, seed=1, steps=rec["steps"], cfg=rec["cfg"],
+                                               width=rec["width"], height=rec["height"])[0]
+    assert torch.equal(out, explicit)
+    out = WeGenReconstruct().reconstruct(toy, out, seed=1, steps=2, cfg=-1.0, width=0, height=0)[0]
+    check_image(out, 1, rec["height"], rec["width"])
+
+
+def test_chat_turn_and_sweep_use_the_recommended_feature_slice(comfy_host, toy):
+    from nodes.chat import WeGenChatMemory, WeGenChatTurn
+    from nodes.sweep import WeGenDiversitySweep
+    from wegen import sessions
+    from wegen.loading import recommended_settings
+
+    rec = recommended_settings("wegen-toy")
+    (chat,) = WeGenChatMemory().open("toy", "reset")
+    WeGenChatTurn().turn(toy, chat, "a small blue square at the center on a gray background", 42, 2, -1.0, 0, 0)
+    (turn,) = sessions.load_session(chat.root, "toy").turns
+    assert {k: turn.settings[k] for k in ("steps", "cfg", "width", "height", "feature_slice")} == \
+           {**rec, "steps": 2}
+    out = WeGenDiversitySweep().sweep([toy], ["a red circle"], [42], [1], [2], [-1.0], [0], [0], [4096], [16],
+                                      ["wegen/sweeps/toy"])
+    assert tuple(out["result"][0].shape) == (1, rec["height"], rec["width"], 3)
+    folder = os.path.join(host.output_directory(), out["ui"]["wegen_sweep"][0]["subfolder"])
+    with open(os.path.join(folder, "sweep.json"), encoding="utf-8") as f:
+        settings = json.load(f)["settings"]
+    assert (settings["feature_slice"], settings["cfg"], settings["width"]) == (rec["feature_slice"], rec["cfg"],
+                                                                              rec["width"])
