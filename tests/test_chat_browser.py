@@ -92,12 +92,11 @@ def test_chat_panel_shows_the_three_turns_of_the_workflow(server, browser):
         const imgs = [...window.app.graph._nodes.find((n) => n.type === 'WeGenChatTurn').wegenChat.list
                        .querySelectorAll('img')];
         Promise.all(imgs.map((i) => i.decode().then(() => i.naturalWidth, () => 0))).then(done);""")
-    assert widths == [256, 256, 256, 256]  # turn 1, turn 2, turn 3's mask and picture, served by the pack
+    assert widths == [64, 64, 64, 64]  # turn 1, turn 2, turn 3's mask and picture, served by the pack
     session_file = os.path.join(server.output_dir, "wegen", "sessions", SESSION, "session.json")
     with open(session_file, encoding="utf-8") as f:
         assert [t["user"] for t in json.load(f)["turns"]] == [
-            "a red fox in a snowy forest, watercolor", "make the sky pink, like a sunset",
-            "keep everything, only repaint the fox's tail"]
+            "a small blue square at the center on a gray background", "make it yellow", "move it to the top right"]
 
     # 2) the routes serve only this session's images
     summary = server.get(f"/api/wegen/chat/session?name={SESSION}")

@@ -62,7 +62,38 @@ def test_ui_workflow_matches_its_api_twin(comfy_host, name):
     assert {k: (v["class_type"], v["inputs"]) for k, v in converted.items()} == \
            {k: (v["class_type"], v["inputs"]) for k, v in twin.items()}
     loaders = [n for n in twin.values() if n["class_type"] == "WeGenLoader"]
-    assert loaders and all(n["inputs"]["checkpoint"] == "tiny" for n in loaders)
+    assert loaders and all(n["inputs"]["checkpoint"] == "wegen-toy" for n in loaders)
+
+
+DECODERS = ("WeGenConsistencyDecode", "WeGenReconstruct", "WeGenChatTurn", "WeGenDiversitySweep")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_speaks_the_shapes_world_at_the_toy_settings(name):
+    """Every prompt in the world's words; the bundled toy's recommended settings, written out explicitly."""
+    from wegen import toyworld
+    from wegen.loading import recommended_settings
+
+    rec = recommended_settings("wegen-toy")
+    prompt = api(name)
+    for node_id, node in prompt.items():
+        kind, inputs = node["class_type"], node["inputs"]
+        texts = {"WeGenMLLMEncode": "text", "WeGenChatTurn": "message"}
+        if kind in texts and not isinstance(inputs[texts[kind]], list):  # a linked text is the model's own
+            text = inputs[texts[kind]]
+            assert toyworld.parse_description(text) or toyworld.parse_edit(text), (node_id, text)
+        if kind == "WeGenPromptSelfRewrite":
+            assert toyworld.parse_description(inputs["prompt"]) and not toyworld.is_full(
+                toyworld.parse_description(inputs["prompt"])), "a vague prompt to rewrite"
+        if kind == "WeGenUnderstand":
+            assert inputs["question"] == toyworld.QUESTION
+        if kind == "WeGenMLLMEncode":
+            assert inputs["feature_slice"] == rec["feature_slice"]
+        if kind in DECODERS:
+            assert {k: inputs[k] for k in ("steps", "cfg", "width", "height")} == \
+                   {k: rec[k] for k in ("steps", "cfg", "width", "height")}, node_id
+        if kind == "SolidMask":
+            assert inputs["width"] <= rec["width"] and inputs["height"] <= rec["height"]
 
 
 def test_ui_to_api_catches_widget_and_link_drift(comfy_host):
@@ -105,7 +136,7 @@ def test_api_workflow_runs_through_the_node_classes(comfy_host, tmp_path, name):
     for node_id, node in prompt.items():
         if node["class_type"] in ("WeGenConsistencyDecode", "WeGenReconstruct"):
             (images,) = run.outputs[node_id][0]
-            assert images.dtype == torch.float32 and tuple(images.shape) == (1, 256, 256, 3)
+            assert images.dtype == torch.float32 and tuple(images.shape) == (1, 64, 64, 3)
     assert comfy_host.loads, "the 'gpu' policy loads modules through load_models_gpu"
 
 
