@@ -5,8 +5,8 @@ The real model takes both from elsewhere (EVA-CLIP-E, SDXL's VAE). Here:
     supervision: five classifiers on its mean token, and each token regresses its own 8x8 patch
     (4x4 pooled), so the 64 pooled features say what is where; light noise and blur make it read
     decoded pictures as well as rendered ones;
-  * the VAE (diffusers' AutoencoderKL, 8x down) learns to reconstruct the world's pictures (L1 + MSE,
-    a small KL); its scaling_factor is then measured as 1 / std of the latents, as SDXL's was chosen;
+  * the VAE (diffusers' AutoencoderKL, 8x down) learns to reconstruct the world's pictures (L1 + MSE
+    with the object's pixels weighted up, a small KL); its scaling_factor is then measured as 1 / std of the latents, as SDXL's was chosen;
   * the bank: tower features of every scene at several jitters, and each scene's features averaged
     over all 25 jitters (the generation target of stage 2; see wegen/toydata.py); then the VAE latents
     of the same pictures (stage 1's targets).
@@ -72,6 +72,7 @@ def _attribute_targets(scenes) -> dict:
 def train_tower(out: str, steps: int, seed: int, batch: int = 128, lr: float = 1e-3, log_file=None) -> str:
     path = f"{out}/tower.pt"
     state = common.StageState(seed, "tower")
+    torch.manual_seed(common.stage_seed(seed, "tower-init"))  # the Linear layers initialise with the global generator
     tower, probe = new_tower(state.gen), TowerProbe(EVA_TOY.width)
     modules = {"tower": tower, "probe": probe}
     params = [p for m in modules.values() for p in m.parameters()]
@@ -99,13 +100,16 @@ def train_tower(out: str, steps: int, seed: int, batch: int = 128, lr: float = 1
     return path
 
 
+OBJECT_WEIGHT = 8.0  # VAE loss weight of object pixels over background pixels (+1)
+
+
 def new_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(**VAE_TOY)
 
 
-def train_vae(out: str, steps: int, seed: int, batch: int = 32, lr: float = 5e-4, log_file=None) -> str:
+def train_vae(out: str, steps: int, seed: int, batch: int = 32, lr: float = 1e-3, log_file=None) -> str:
     path = f"{out}/vae.pt"
     state = common.StageState(seed, "vae")
     torch.manual_seed(common.stage_seed(seed, "vae-init"))  # diffusers initialises with the global generator
@@ -121,7 +125,10 @@ def train_vae(out: str, steps: int, seed: int, batch: int = 32, lr: float = 5e-4
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=state.gen)
         y = vae.decode(z).sample
-        rec = F.l1_loss(y, x) + F.mse_loss(y, x)
+        # the object is a few % of the pixels: weight them up, or colour and shape are learnt last
+        weight = 1 + OBJECT_WEIGHT * (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()
+        err = y - x
+        rec = ((err.abs() + err * err) * weight).mean() / weight.mean()
         kl = posterior.kl().mean() / z[0].numel()
         loss = rec + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
@@ -134,8 +141,12 @@ def train_vae(out: str, steps: int, seed: int, batch: int = 32, lr: float = 5e-4
 
 
 @torch.no_grad()
-def build_bank(out: str, seed: int, real_per_scene: int = 8) -> str:
-    """bank.pt: per scene the jitter-averaged tower features; for `real_per_scene` jitters each, the features."""
+def build_bank(out: str, seed: int, real_per_scene: int = 8, scenes=None) -> str:
+    """bank.pt: per scene the jitter-averaged tower features; for `real_per_scene` jitters each, the features.
+
+    `scenes`: indices into SCENES to render (default: all 972); the others keep all-zero canonical features
+    and get no real rows (a quick bank for tests).
+    """
     import random
 
     path = f"{out}/bank.pt"
@@ -148,7 +159,8 @@ def build_bank(out: str, seed: int, real_per_scene: int = 8) -> str:
     all_j = jitters()
     canonical = torch.zeros(len(SCENES), 64, EVA_TOY.width)
     real, real_scene, real_jitter = [], [], []
-    for k, scene in enumerate(SCENES):
+    for k in (range(len(SCENES)) if scenes is None else scenes):
+        scene = SCENES[k]
         feats = tower_features(tower, to_pixels(render_batch(_shifted(scene, all_j))))  # (25, 64, C)
         canonical[k] = feats.mean(0)
         chosen = rng.sample(range(len(all_j)), real_per_scene)
