@@ -128,8 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
-    p = sub.add_parser("demo", help="tiny checkpoint (built if missing) -> output/demo/ with index.html")
-    p.add_argument("--checkpoint", default=DEFAULT_TINY)
+    p = sub.add_parser("demo", help="the bundled workflows on the bundled wegen-toy checkpoint -> output/demo/ "
+                                    "with index.html (each picture judged by the shapes world's reader)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint folder or bundled name (default: wegen-toy; with --tiny: models/wegen/tiny)")
+    p.add_argument("--tiny", action="store_true",
+                   help="build the tiny random-weight checkpoint at --checkpoint if it is missing (noise pictures)")
     p.add_argument("--out", default=os.path.join("output", "demo"))
     return parser
 
@@ -317,7 +321,8 @@ def cmd_train_toy(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    print(run_demo(args.checkpoint, args.out))
+    checkpoint = args.checkpoint or (DEFAULT_TINY if args.tiny else "wegen-toy")
+    print(run_demo(checkpoint, args.out, make_tiny=args.tiny))
 
 
 # Prompt Self-Rewriting, diversity sweeps, remote queue (extensions) ---------------------------------
