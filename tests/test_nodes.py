@@ -520,7 +520,8 @@ def test_toy_defaults_follow_its_recommendation(comfy_host, toy):
     assert host.load_engine(toy).recommended == rec
     text = "a large red circle at the top left on a white background"
     cond = WeGenMLLMEncode().encode(toy, text)[0]  # feature_slice left to the checkpoint
-    assert torch.equal(cond.features, WeGenMLLMEncode().encode(toy, text, feature_slice=rec["feature_slice"])[0].features)
+    explicit = WeGenMLLMEncode().encode(toy, text, feature_slice=rec["feature_slice"])[0]
+    assert torch.equal(cond.features, explicit.features)
     comfy_host.updates.clear()
     out = WeGenConsistencyDecode().decode(toy, cond, seed=1, steps=0, cfg=-1.0, width=0, height=0)[0]
     assert len(comfy_host.updates) == rec["steps"]

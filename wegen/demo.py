@@ -18,7 +18,6 @@ import os
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS_DIR = os.path.join(PACK_ROOT, "workflows")  # the UI-format workflows artists load in ComfyUI
 DEFAULT_CHECKPOINT = "wegen-toy"  # bundled: checkpoints/wegen-toy
-DEFAULT_TINY = os.path.join("models", "wegen", "tiny")
 
 
 def ensure_checkpoint(checkpoint: str, make_tiny: bool = False) -> str:
