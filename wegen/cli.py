@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
+    _add_eval_toy_parser(sub)
+
     p = sub.add_parser("demo", help="the bundled workflows on the bundled wegen-toy checkpoint -> output/demo/ "
                                     "with index.html (each picture judged by the shapes world's reader)")
     p.add_argument("--checkpoint", default=None,
@@ -318,6 +320,34 @@ def cmd_train_toy(args):
     print(train_toy(args.out, stages, steps, device=args.device, seed=args.seed, threads=args.threads))
 
 
+def _add_eval_toy_parser(sub):
+    p = sub.add_parser("eval-toy", help="measure a checkpoint on the shapes world: table + one JSON line "
+                                        "(wegen.toyeval)")
+    _add_engine_args(p, checkpoint_required=False)
+    p.set_defaults(checkpoint="wegen-toy")
+    p.add_argument("--n", type=int, default=50, help="items per figure (rewrites: N/2 prompts x 6)")
+    p.add_argument("--seed", type=int, default=0, help="every item's scene and seed are drawn from it")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result here (atomically)")
+    p.add_argument("--floors", action="store_true",
+                   help="exit 1 when a figure is below its floor in wegen.toyeval.FLOORS")
+
+
+def cmd_eval_toy(args):
+    from . import toyeval
+
+    toyeval.check_inputs(args.n, args.seed, args.json, args.checkpoint, args.device)
+    engine = _engine(args)
+    result = toyeval.run_eval(engine, args.n, args.seed, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(toyeval.format_table(result))
+    print(json.dumps(result))
+    if args.json:
+        toyeval.write_json(args.json, result)
+    below = toyeval.check_floors(result, toyeval.FLOORS) if args.floors else []
+    if below:
+        print(f"error: {len(below)} figure(s) below floor: {'; '.join(below)}", file=sys.stderr)
+        return 1
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -505,4 +535,5 @@ COMMANDS = {"make-tiny": cmd_make_tiny, "convert": cmd_convert, "generate": cmd_
             "understand": cmd_understand, "reconstruct": cmd_reconstruct, "chat": cmd_chat, "demo": cmd_demo,
             "diic": cmd_diic}
 COMMANDS["train-toy"] = cmd_train_toy
+COMMANDS["eval-toy"] = cmd_eval_toy
 COMMANDS.update({"rewrite": cmd_rewrite, "sweep": cmd_sweep, "queue": cmd_queue})
