@@ -145,3 +145,93 @@ def test_pickle_needing_code_is_refused(ckpt_copy):
     torch.save({"weights": NotATensor()}, os.path.join(ckpt_copy, loading.FINAL_FILE))
     with pytest.raises(CheckpointError, match="refused to load .*weights_only"):
         loading.load_parts(ckpt_copy)
+
+
+# A checkpoint's recommended settings, bundled checkpoints by name (extensions) -----------------------------
+
+@pytest.fixture(scope="module")
+def converted(tiny_ckpt, tmp_path_factory):
+    return loading.convert(tiny_ckpt, str(tmp_path_factory.mktemp("conv") / "conv"))
+
+
+def with_recommended(converted, folder, recommended):
+    """A converted checkpoint (links to `converted`'s files) whose wegen_config.json says `recommended`."""
+    import json
+
+    os.makedirs(folder)
+    for name in os.listdir(converted):
+        if name != loading.CONVERTED_CONFIG:
+            os.symlink(os.path.join(converted, name), os.path.join(folder, name))
+    with open(os.path.join(converted, loading.CONVERTED_CONFIG)) as f:
+        config = json.load(f)
+    config["recommended"] = recommended
+    with open(os.path.join(folder, loading.CONVERTED_CONFIG), "w") as f:
+        json.dump(config, f)
+    return str(folder)
+
+
+def test_recommended_settings_of_the_release_and_of_a_converted_checkpoint(tiny_ckpt, converted, tmp_path, engine):
+    release = {"steps": 50, "cfg": 2.0, "feature_slice": "official"}
+    assert loading.recommended_settings(tiny_ckpt) == release  # official layout: the release's settings
+    assert loading.recommended_settings(converted) == release  # converted without an entry: the same
+    assert engine.decoder_cfg.default_size == 256  # the UNet's own size
+    assert engine.recommended == {**release, "width": 256, "height": 256}
+    own = {"steps": 7, "cfg": 3.5, "width": 48, "height": 32, "feature_slice": "aligned"}
+    ckpt = with_recommended(converted, tmp_path / "own", own)
+    assert loading.recommended_settings(ckpt) == own
+    assert WeGenEngine(loading.load_parts(ckpt)).recommended == own
+    partial = with_recommended(converted, tmp_path / "partial", {"steps": 9})
+    assert loading.recommended_settings(partial) == {**release, "steps": 9}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"stepz": 20}, "keys among"),
+    ([20, 2.0], "must be an object"),
+    ({"steps": 0}, "steps must be an integer in 1..1000"),
+    ({"steps": 1001}, "steps must be an integer in 1..1000"),
+    ({"steps": 2.5}, "steps must be an integer"),
+    ({"steps": True}, "steps must be an integer"),
+    ({"cfg": -1}, "cfg must be a finite number >= 0"),
+    ({"cfg": "2"}, "cfg must be a finite number"),
+    ({"cfg": float("nan")}, "cfg must be a finite number"),
+    ({"width": 100}, "width must be a positive multiple of 8"),
+    ({"height": 0}, "height must be a positive multiple of 8"),
+    ({"feature_slice": "x"}, "feature_slice must be 'official' or 'aligned', got 'x'"),
+])
+def test_bad_recommended_entries_name_the_file(converted, tmp_path, bad, message):
+    ckpt = with_recommended(converted, tmp_path / "bad", bad)
+    path = os.path.join(ckpt, loading.CONVERTED_CONFIG)
+    for read in (loading.recommended_settings, loading.load_parts):
+        with pytest.raises(CheckpointError) as e:
+            read(ckpt)
+        assert str(e.value).startswith(path + ": ") and message in str(e.value)
+
+
+@pytest.fixture
+def bundled(converted, tmp_path, monkeypatch):
+    """checkpoints/ with one converted checkpoint `mytoy`, a folder that is none and a stray file."""
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    os.symlink(converted, root / "mytoy")
+    (root / "empty").mkdir()
+    (root / "README").write_text("x")
+    monkeypatch.setattr(loading, "BUNDLED_DIR", str(root))
+    return str(root / "mytoy")
+
+
+def test_bundled_checkpoints_by_name(bundled, tiny_ckpt, tmp_path, monkeypatch):
+    assert loading.bundled_checkpoints() == {"mytoy": bundled}
+    assert loading.resolve_checkpoint("mytoy") == ("converted", os.path.abspath(bundled))
+    assert loading.recommended_settings("mytoy") == loading.RELEASE_SETTINGS
+    with pytest.raises(CheckpointError, match=r"checkpoint folder not found: .*a bundled name: mytoy\)"):
+        loading.resolve_checkpoint("wegen-nope")
+    # a folder of that name where the command runs wins over the bundled one
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    os.symlink(tiny_ckpt, cwd / "mytoy")
+    monkeypatch.chdir(cwd)
+    assert loading.resolve_checkpoint("mytoy")[0] == "official"
+    monkeypatch.setattr(loading, "BUNDLED_DIR", str(tmp_path / "absent"))
+    assert loading.bundled_checkpoints() == {}
+    with pytest.raises(CheckpointError, match=r"a bundled name: none\)"):
+        loading.resolve_checkpoint("wegen-nope")

@@ -51,6 +51,11 @@ def _add_decode_args(p):
                    help="WIDTHxHEIGHT, multiples of 8 (default: the checkpoint's recommendation, else the UNet's)")
 
 
+def _add_feature_slice_arg(p):
+    p.add_argument("--feature-slice", default=None, choices=["official", "aligned"],
+                   help="default: the checkpoint's recommendation, else the release's 'official'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m wegen", description="WeGen engine command line")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and why")
@@ -70,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="reference image (repeatable)")
     _add_decode_args(p)
     p.add_argument("--var-cfg", type=float, default=1.0, help="var-cfg scale (official: 1 = off)")
-    p.add_argument("--feature-slice", default=None, choices=["official", "aligned"],
-                   help="default: the checkpoint's recommendation, else the release's 'official'")
+    _add_feature_slice_arg(p)
     p.add_argument("--no-force-image", action="store_true", help="let the model decide to emit <img> (official)")
     p.add_argument("--out", required=True, help="output PNG path")
 
@@ -105,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder reference: auto = the previous image when --strength < 1 or --mask")
     p.add_argument("--history-features", default="stored", choices=["stored", "eva"],
                    help="past images re-enter from their stored 64 features, or re-encoded with EVA")
+    _add_feature_slice_arg(p)
     p.add_argument("--reset", action="store_true", help="drop the session's earlier turns first")
     p.add_argument("--transcript", default=None, help="also write an HTML transcript of the session here")
     p.add_argument("--out", required=True, help="output PNG path")
@@ -281,7 +286,8 @@ def cmd_chat(args):
     result = chat.chat_turn(engine, args.sessions_dir, args.session, args.message, images, seed=args.seed,
                             steps=args.steps, cfg=args.cfg, width=width, height=height,
                             reference=None if args.reference == "none" else args.reference, mask=mask,
-                            strength=args.strength, feather=args.feather, history_features=args.history_features)
+                            strength=args.strength, feather=args.feather, history_features=args.history_features,
+                            feature_slice=args.feature_slice)
     save_png(result.image[0], args.out, {"message": args.message, "seed": args.seed, "reply": result.reply})
     if args.transcript:
         sessions.write_transcript(result.session, args.transcript)
@@ -372,6 +378,7 @@ def _add_psr_parsers(sub):
     p.add_argument("--seeds", default="4", help="a count N (image seeds SEED .. SEED+N-1) or a comma list of "
                                                 "seeds (7,42,1000; '42,' = one seed); default 4")
     _add_decode_args(p)
+    _add_feature_slice_arg(p)
     p.add_argument("--memory-budget", type=int, default=4096, help="MiB that bound the batch sizes (default 4096)")
     p.add_argument("--max-batch", type=int, default=16, help="largest batch whatever the budget")
     p.add_argument("--out", help="output folder (a PNG path with --replay)")
@@ -445,7 +452,8 @@ def cmd_sweep(args):
     seeds = sw.parse_seeds(args.seeds, args.seed)
     width, height = args.size or (None, None)
     settings = sw.SweepSettings(steps=args.steps, cfg=args.cfg, width=width, height=height,
-                                memory_budget_mb=args.memory_budget, max_batch=args.max_batch)
+                                feature_slice=args.feature_slice, memory_budget_mb=args.memory_budget,
+                                max_batch=args.max_batch)
     sw.check_sweep_inputs(["-"] * args.n, seeds, settings)
     if os.path.exists(os.path.join(args.out, sw.MANIFEST)) and not args.resume:
         raise ValueError(f"{args.out} already holds a {sw.MANIFEST}; add --resume to continue it, or use another --out")

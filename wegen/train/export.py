@@ -16,7 +16,6 @@ import torch
 
 from .. import loading
 from ..prompting import WeGenTokenizer
-from . import common
 from .stage1 import new_unet
 from .stage2 import new_mllm
 from .tower import new_tower, new_vae
@@ -28,14 +27,18 @@ def _fp16(module: torch.nn.Module) -> dict:
 
 
 def export(out: str, dst: str, steps: dict | None = None, seed: int = 0, recommended: dict | None = None) -> str:
-    """OUT's finished stages -> `dst` (converted layout). Returns dst."""
+    """OUT's finished stages -> `dst` (converted layout). Returns dst.
+
+    The card (`source`) records the steps each exported stage was saved at (read from its checkpoint, so an
+    export run on its own, or of a stage stopped early, says what was really trained); `steps`, when given,
+    the steps the recipe asked for (`recipe_steps`).
+    """
     tokenizer = WeGenTokenizer(os.path.join(out, "tokenizer"))
     tower, vae, unet = new_tower(torch.Generator()), new_vae(), new_unet()
     mllm = new_mllm(tokenizer.vocab_size)
-    common.load_modules(os.path.join(out, "tower.pt"), {"tower": tower})
-    common.load_modules(os.path.join(out, "vae.pt"), {"vae": vae})
-    common.load_modules(os.path.join(out, "stage1.pt"), {"unet": unet})
-    common.load_modules(os.path.join(out, "stage2.pt"), {"mllm": mllm})
+    trained = {stage: _load(os.path.join(out, f"{stage}.pt"), {key: module})
+               for stage, key, module in (("tower", "tower", tower), ("vae", "vae", vae), ("stage1", "unet", unet),
+                                          ("stage2", "mllm", mllm))}
     bank = torch.load(os.path.join(out, "latents.pt"), map_location="cpu")
     os.makedirs(os.path.join(dst, "tokenizer"), exist_ok=True)
     for name in os.listdir(tokenizer.folder):
@@ -50,12 +53,20 @@ def export(out: str, dst: str, steps: dict | None = None, seed: int = 0, recomme
               "unet": {"_class_name": "UNet2DConditionModel", **_plain(unet.config)}, "vae": vae_config,
               "scheduler": SCHEDULER_TOY,
               "source": {"layout": "trained", "recipe": "python -m wegen train-toy", "seed": seed,
-                         "steps": steps or {}},
+                         "steps": trained, **({"recipe_steps": dict(steps)} if steps else {})},
               "recommended": dict(recommended or RECOMMENDED)}
     assert vae_config["latent_channels"] == VAE_TOY["latent_channels"]
     with open(os.path.join(dst, loading.CONVERTED_CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1, default=str)
     return dst
+
+
+def _load(path: str, modules: dict) -> int:
+    """A stage checkpoint's weights into `modules`; returns the step it was saved at."""
+    data = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
+    for key, module in modules.items():
+        module.load_state_dict(data["modules"][key])
+    return int(data["step"])
 
 
 def _plain(config) -> dict:
