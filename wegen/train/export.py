@@ -36,9 +36,11 @@ def export(out: str, dst: str, steps: dict | None = None, seed: int = 0, recomme
     tokenizer = WeGenTokenizer(os.path.join(out, "tokenizer"))
     tower, vae, unet = new_tower(torch.Generator()), new_vae(), new_unet()
     mllm = new_mllm(tokenizer.vocab_size)
+    # the VAE: its decoder fine-tune when that stage ran (the encoder inside is the vae stage's, unchanged)
+    vae_stage = "vae_decoder" if os.path.isfile(os.path.join(out, "vae_decoder.pt")) else "vae"
     trained = {stage: _load(os.path.join(out, f"{stage}.pt"), {key: module})
-               for stage, key, module in (("tower", "tower", tower), ("vae", "vae", vae), ("stage1", "unet", unet),
-                                          ("stage2", "mllm", mllm))}
+               for stage, key, module in (("tower", "tower", tower), (vae_stage, "vae", vae),
+                                          ("stage1", "unet", unet), ("stage2", "mllm", mllm))}
     bank = torch.load(os.path.join(out, "latents.pt"), map_location="cpu")
     os.makedirs(os.path.join(dst, "tokenizer"), exist_ok=True)
     for name in os.listdir(tokenizer.folder):

@@ -8,6 +8,7 @@ Stages, in order (each skips what is already done in OUT, and resumes from its l
   latents    VAE latents of the bank's pictures, the VAE's scaling_factor  OUT/latents.pt
   diic       the DIIC stand-in: clips -> mined edit sequences              OUT/diic/
   stage1     the UNet detokenizer                                           OUT/stage1.pt
+  vae_decoder the VAE's decoder sharpened, encoder (so stage 1's latents) frozen  OUT/vae_decoder.pt
   stage2     the MLLM                                                       OUT/stage2.pt
   export     the converted checkpoint (fp16 safetensors)                    OUT/wegen-toy/
 stage2 needs the tower, the bank and the DIIC data; stage1 the bank and the latents (so the VAE): two
@@ -20,9 +21,9 @@ import logging
 import os
 import time
 
-STAGES = ("tokenizer", "tower", "vae", "bank", "latents", "diic", "stage1", "stage2", "export")
+STAGES = ("tokenizer", "tower", "vae", "bank", "latents", "diic", "stage1", "vae_decoder", "stage2", "export")
 # Steps of the shipped checkpoint's recipe (about two hours on a 2-core CPU in all).
-DEFAULT_STEPS = {"tower": 1000, "vae": 1200, "stage1": 2400, "stage2": 2200}
+DEFAULT_STEPS = {"tower": 1000, "vae": 1200, "stage1": 2400, "vae_decoder": 1200, "stage2": 2200}
 DIIC_CLIPS = 2000
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def train_toy(out: str, stages=STAGES, steps: dict | None = None, device: str = 
             _diic(out, seed)
         elif stage == "stage1":
             stage1.train_unet(out, steps["stage1"], seed, device=device, log_file=log_file)
+        elif stage == "vae_decoder":
+            tower.train_vae_decoder(out, steps["vae_decoder"], seed, log_file=log_file)
         elif stage == "stage2":
             stage2.train_mllm(out, steps["stage2"], seed, device=device, log_file=log_file)
         elif stage == "export":

@@ -140,6 +140,45 @@ def train_vae(out: str, steps: int, seed: int, batch: int = 32, lr: float = 1e-3
     return path
 
 
+def train_vae_decoder(out: str, steps: int, seed: int, batch: int = 32, lr: float = 5e-4, log_file=None) -> str:
+    """Fine-tune the VAE's decoder alone, edges weighted up: the encoder (so every latent stage 1 learnt) is
+    frozen, and the decoder learns to draw the object's outline as sharply as the reader needs (size is the
+    bounding box, shape the fill ratio)."""
+    import os
+
+    path = f"{out}/vae_decoder.pt"
+    state = common.StageState(seed, "vae_decoder")
+    vae = new_vae()
+    modules = {"vae": vae}
+    common.load_modules(f"{out}/vae.pt", modules)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if os.path.isfile(path):
+        state.load(path, modules, opt)
+
+    def step():
+        scenes = [W.random_scene(state.rng) for _ in range(batch)]
+        x = to_pixels(render_batch(scenes)).permute(0, 3, 1, 2) * 2 - 1
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean  # what the UNet was trained to produce
+        y = vae.decode(z).sample
+        obj = (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()
+        ring = F.max_pool2d(obj, 5, 1, 2) + F.max_pool2d(-obj, 5, 1, 2)  # dilation - erosion: the outline
+        weight = 1 + OBJECT_WEIGHT * obj + 2 * OBJECT_WEIGHT * ring
+        err = y - x
+        rec = ((err.abs() + err * err) * weight).mean() / weight.mean()
+        opt.zero_grad(set_to_none=True)
+        rec.backward()
+        opt.step()
+        return {"rec": rec.item()}
+
+    vae.encoder.eval()
+    common.run_steps(state, steps, path, modules, opt, step, base_lr=lr, warmup=20, log_file=log_file)
+    return path
+
+
 @torch.no_grad()
 def build_bank(out: str, seed: int, real_per_scene: int = 8, scenes=None) -> str:
     """bank.pt: per scene the jitter-averaged tower features; for `real_per_scene` jitters each, the features.
