@@ -103,6 +103,17 @@ def train_tower(out: str, steps: int, seed: int, batch: int = 128, lr: float = 1
 OBJECT_WEIGHT = 8.0  # VAE loss weight of object pixels over background pixels (+1)
 
 
+def weighted_reconstruction(x, y, outline: bool = False):
+    """L1 + MSE of (B, 3, H, W) pictures in -1..1, the object's pixels weighted up (the object is a few % of the
+    pixels: unweighted, colour and shape are learnt last); `outline` also weights the band 2 px either side of its outline up."""
+    obj = (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()  # the top-left pixel is background
+    weight = 1 + OBJECT_WEIGHT * obj
+    if outline:
+        weight = weight + 2 * OBJECT_WEIGHT * (F.max_pool2d(obj, 5, 1, 2) + F.max_pool2d(-obj, 5, 1, 2))
+    err = y - x
+    return ((err.abs() + err * err) * weight).mean() / weight.mean()
+
+
 def new_vae():
     from diffusers import AutoencoderKL
 
@@ -125,10 +136,7 @@ def train_vae(out: str, steps: int, seed: int, batch: int = 32, lr: float = 1e-3
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=state.gen)
         y = vae.decode(z).sample
-        # the object is a few % of the pixels: weight them up, or colour and shape are learnt last
-        weight = 1 + OBJECT_WEIGHT * (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()
-        err = y - x
-        rec = ((err.abs() + err * err) * weight).mean() / weight.mean()
+        rec = weighted_reconstruction(x, y)
         kl = posterior.kl().mean() / z[0].numel()
         loss = rec + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
@@ -164,11 +172,7 @@ def train_vae_decoder(out: str, steps: int, seed: int, batch: int = 32, lr: floa
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean  # what the UNet was trained to produce
         y = vae.decode(z).sample
-        obj = (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()
-        ring = F.max_pool2d(obj, 5, 1, 2) + F.max_pool2d(-obj, 5, 1, 2)  # dilation - erosion: the outline
-        weight = 1 + OBJECT_WEIGHT * obj + 2 * OBJECT_WEIGHT * ring
-        err = y - x
-        rec = ((err.abs() + err * err) * weight).mean() / weight.mean()
+        rec = weighted_reconstruction(x, y, outline=True)
         opt.zero_grad(set_to_none=True)
         rec.backward()
         opt.step()
