@@ -23,7 +23,7 @@ import time
 
 STAGES = ("tokenizer", "tower", "vae", "bank", "latents", "diic", "stage1", "vae_decoder", "stage2", "export")
 # Steps of the shipped checkpoint's recipe (about two hours on a 2-core CPU in all).
-DEFAULT_STEPS = {"tower": 1000, "vae": 1200, "stage1": 2400, "vae_decoder": 1200, "stage2": 2200}
+DEFAULT_STEPS = {"tower": 1000, "vae": 1200, "stage1": 2400, "vae_decoder": 3400, "stage2": 3200}
 DIIC_CLIPS = 2000
 
 log = logging.getLogger(__name__)
