@@ -9,6 +9,8 @@ features (reconstruction), half on its scene's jitter-averaged features (what st
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +60,7 @@ def train_unet(out: str, steps: int, seed: int, device: str = "cpu", batch: int 
     unet = new_unet().to(device)
     modules = {"unet": unet}
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    if __import__("os").path.isfile(path):
+    if os.path.isfile(path):
         state.load(path, modules, opt)
     ac = alphas_cumprod(SCHEDULER_TOY)
     n = bank["latents"].shape[0]

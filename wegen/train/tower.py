@@ -13,6 +13,9 @@ The real model takes both from elsewhere (EVA-CLIP-E, SDXL's VAE). Here:
 """
 from __future__ import annotations
 
+import os
+import random
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,7 +80,7 @@ def train_tower(out: str, steps: int, seed: int, batch: int = 128, lr: float = 1
     modules = {"tower": tower, "probe": probe}
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    if _exists(path):
+    if os.path.isfile(path):
         state.load(path, modules, opt)
 
     def step():
@@ -127,7 +130,7 @@ def train_vae(out: str, steps: int, seed: int, batch: int = 32, lr: float = 1e-3
     vae = new_vae()
     modules = {"vae": vae}
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    if _exists(path):
+    if os.path.isfile(path):
         state.load(path, modules, opt)
 
     def step():
@@ -152,8 +155,6 @@ def train_vae_decoder(out: str, steps: int, seed: int, batch: int = 32, lr: floa
     """Fine-tune the VAE's decoder alone, edges weighted up: the encoder (so every latent stage 1 learnt) is
     frozen, and the decoder learns to draw the object's outline as sharply as the reader needs (size is the
     bounding box, shape the fill ratio)."""
-    import os
-
     path = f"{out}/vae_decoder.pt"
     state = common.StageState(seed, "vae_decoder")
     vae = new_vae()
@@ -190,10 +191,8 @@ def build_bank(out: str, seed: int, real_per_scene: int = 8, scenes=None) -> str
     `scenes`: indices into SCENES to render (default: all 972); the others keep all-zero canonical features
     and get no real rows (a quick bank for tests).
     """
-    import random
-
     path = f"{out}/bank.pt"
-    if _exists(path):
+    if os.path.isfile(path):
         return path
     tower = new_tower(torch.Generator())
     common.load_modules(f"{out}/tower.pt", {"tower": tower})
@@ -221,7 +220,7 @@ def build_latents(out: str) -> str:
     """latents.pt: VAE latents (distribution mean x scaling_factor) of the bank's real pictures; the
     scaling_factor is 1 / their std, as SDXL's 0.13025 normalises its latents."""
     path = f"{out}/latents.pt"
-    if _exists(path):
+    if os.path.isfile(path):
         return path
     bank = torch.load(f"{out}/bank.pt", map_location="cpu")
     vae = new_vae()
@@ -244,13 +243,6 @@ def _shifted(scene, offsets):
 
 
 def _save(path: str, data: dict):
-    import os
-
     torch.save(data, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
-
-def _exists(path: str) -> bool:
-    import os
-
-    return os.path.isfile(path)
