@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from wegen import checks, loading
+from wegen import loading
 from wegen.cli import main
 from wegen.engine import WeGenEngine
 from wegen.loading import CheckpointError
@@ -186,6 +186,8 @@ def test_hostile_checkpoint_on_the_cli_is_one_line_exit_2(capsys, ckpt_copy, tmp
 # Memory: estimated on the meta device, refused when the machine does not have it --------------------------------
 
 def test_memory_estimate_matches_the_built_modules(engine):
+    from wegen import checks
+
     need = checks.estimate_bytes(engine.parts, torch.float32)
     built = sum(t.numel() * 4 for m in (engine.mllm, engine.unet, engine.vae)
                 for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
@@ -194,6 +196,8 @@ def test_memory_estimate_matches_the_built_modules(engine):
 
 
 def test_checkpoint_larger_than_the_ram_is_refused(tiny_ckpt, monkeypatch):
+    from wegen import checks
+
     monkeypatch.setattr(checks, "machine_memory", lambda: 2**20)
     with pytest.raises(CheckpointError, match=r"need about .* GiB in float32 .* this machine has 0\.00 GiB of RAM"):
         WeGenEngine(loading.load_parts(tiny_ckpt))
@@ -202,6 +206,8 @@ def test_checkpoint_larger_than_the_ram_is_refused(tiny_ckpt, monkeypatch):
 @pytest.mark.parametrize("offload, free, refused", [("none", 2**20, True), ("phase", 2**20, True),
                                                     ("none", 2**40, False), ("spread", 2**10, False)])
 def test_checkpoint_larger_than_the_free_gpu_memory_is_refused(engine, monkeypatch, offload, free, refused):
+    from wegen import checks
+
     monkeypatch.setattr(checks, "gpu_memory", lambda device: free)
     if refused:
         with pytest.raises(CheckpointError, match=r"GiB free; use offload"):

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from .files import write_atomic, write_json_atomic
+from .inputs import check_features, check_manifest
 
 log = logging.getLogger(__name__)
 
@@ -481,7 +482,7 @@ def load_manifest(path: str) -> dict:
         raise ValueError(f"cannot read sweep manifest {path}: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} sweep manifest")
-    return manifest
+    return check_manifest(manifest, path)
 
 
 def _write_manifest(out_dir: str, manifest: dict):
@@ -518,8 +519,12 @@ def _load_features(out_dir, plan: SweepPlan):
     path = os.path.join(out_dir, FEATURES)
     if not os.path.isfile(path):
         return None
-    features = load_file(path)["features"]
-    return features if features.shape[0] == len(plan.prompts) else None
+    try:
+        features = load_file(path).get("features")
+    except Exception as e:  # SafetensorError, OSError: a damaged or edited file
+        raise ValueError(f"{path} is damaged or was edited ({str(e).splitlines()[0]}); run the sweep again into "
+                         f"a new folder") from None
+    return check_features(features, path, len(plan.prompts))
 
 
 def settings_from_manifest(manifest: dict) -> SweepSettings:
