@@ -48,24 +48,29 @@ class Server:
 
     # One exchange under one deadline -------------------------------------------------------------
 
-    def _exchange(self, method: str, path: str, params=None, body=None, sink=None, cap: int = MAX_JSON_BYTES,
+    def _exchange(self, method: str, path: str, params=None, body=None, sink=None, cap: int | None = None,
                   timeout: float | None = None) -> bytes:
         """The reply body (or written to `sink`), the whole exchange within `timeout` seconds, at most `cap` bytes."""
-        timeout = timeout or self.timeout
+        timeout, cap = timeout or self.timeout, cap or MAX_JSON_BYTES
         where = f"{self.url} ({method} {path})"
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         conn = cls(self.netloc, timeout=timeout)
-        expired = threading.Event()
+        expired, resp, sockets = threading.Event(), None, []
 
         def cut_off():  # the deadline: shut the socket, so any read in progress returns at once
             expired.set()
-            with contextlib.suppress(OSError, AttributeError):
-                conn.sock.shutdown(socket.SHUT_RDWR)
+            for sock in sockets:  # kept here: a closing connection hands its socket to the response
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
         timer = threading.Timer(timeout, cut_off)
         timer.daemon = True
         timer.start()
         try:
+            conn.connect()
+            sockets.append(conn.sock)
+            if expired.is_set():
+                raise OSError("cut off")
             data = None if body is None else json.dumps(body).encode("utf-8")
             target = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
             conn.request(method, target, body=data, headers={"Content-Type": "application/json"} if data else {})
@@ -89,6 +94,8 @@ class Server:
                               f"is the server running, and listening on that address?") from None
         finally:
             timer.cancel()
+            if resp is not None:
+                resp.close()  # the socket closes only when the response lets go of it too
             conn.close()
 
     def get_json(self, path: str, params=None, method: str = "GET", body=None):
