@@ -147,6 +147,13 @@ def test_output_pil_cannot_write_is_refused_before_work(capsys, tmp_path, no_loa
     assert os.listdir(tmp_path) == []
 
 
+def test_chat_output_pil_cannot_write_is_refused_before_the_turn(capsys, tmp_path, no_load):
+    code, _, err = run(capsys, "chat", "--checkpoint", "x", "--session", "s", "--sessions-dir", str(tmp_path / "sess"),
+                       "hi", "--out", str(tmp_path / "a.xbm"))
+    one_line_exit_2(code, err, "a.xbm")
+    assert not os.path.exists(tmp_path / "sess" / "s" / "session.json")  # no turn was committed, none to duplicate
+
+
 @pytest.mark.parametrize("err_no", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT])
 @pytest.mark.parametrize("command", ["generate", "chat", "reconstruct"])
 def test_full_or_read_only_output_folder_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch, no_load,
