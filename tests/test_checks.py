@@ -203,14 +203,16 @@ def test_checkpoint_larger_than_the_ram_is_refused(tiny_ckpt, monkeypatch):
         WeGenEngine(loading.load_parts(tiny_ckpt))
 
 
-@pytest.mark.parametrize("offload, free, refused", [("none", 2**20, True), ("phase", 2**20, True),
-                                                    ("none", 2**40, False), ("spread", 2**10, False)])
-def test_checkpoint_larger_than_the_free_gpu_memory_is_refused(engine, monkeypatch, offload, free, refused):
+@pytest.mark.parametrize("offload, free, size, refused", [("none", 2**20, 2**20, True), ("phase", 2**20, 2**20, True),
+                                                          ("none", 2**40, 2**40, False), ("spread", 2**10, 2**10, False),
+                                                          ("none", 2**10, 2**40, False)])
+def test_checkpoint_larger_than_the_gpu_is_refused(engine, monkeypatch, caplog, offload, free, size, refused):
     from wegen import checks
 
-    monkeypatch.setattr(checks, "gpu_memory", lambda device: free)
+    monkeypatch.setattr(checks, "gpu_memory", lambda device: (free, size))
     if refused:
-        with pytest.raises(CheckpointError, match=r"GiB free; use offload"):
+        with pytest.raises(CheckpointError, match=r"GiB; use offload 'phase'"):
             checks.check_memory(engine.parts, torch.device("cuda"), torch.float16, offload)
     else:
         checks.check_memory(engine.parts, torch.device("cuda"), torch.float16, offload)
+        assert ("GiB are free now" in caplog.text) == (free < size)  # little free now: a warning only

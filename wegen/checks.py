@@ -8,6 +8,7 @@ the field: a CheckpointError (a ValueError, so the CLI prints it and exits 2).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -25,6 +26,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
 DIFFUSERS_ACTS = ("swish", "silu", "mish", "gelu", "relu")
 MAX_ANY_INT = 1 << 31  # any other integer anywhere in a config
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -282,13 +285,16 @@ def machine_memory() -> int | None:
         return None
 
 
-def gpu_memory(device) -> int | None:
-    """Free bytes on a CUDA device (torch.cuda.mem_get_info); None elsewhere."""
+def gpu_memory(device) -> tuple[int, int] | None:
+    """(free, total) bytes of a CUDA device (torch.cuda.mem_get_info; free counts this process's cached
+    blocks as free, since they are reused); None elsewhere."""
     import torch
 
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return int(torch.cuda.mem_get_info(device)[0])
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + cached), int(total)
 
 
 def estimate_bytes(parts, dtype) -> dict:
@@ -316,13 +322,17 @@ def check_memory(parts, device, dtype, offload: str = "none") -> dict:
         raise CheckpointError(f"{parts.report.root}: the weights need about {_gib(total)} GiB in {dtype_name} "
                               f"({detail}) but this machine has {_gib(ram)} GiB of RAM; use a smaller dtype or a "
                               f"machine with more memory")
-    free = gpu_memory(device)
-    if free is not None and offload != "spread":
+    gpu = gpu_memory(device)
+    if gpu is not None and offload != "spread":
+        free, size = gpu
         on_gpu = total if offload == "none" else max(need["LLM"], need["UNet"] + need["VAE"], need["EVA"])
-        if on_gpu > free:
+        if on_gpu > size:
             raise CheckpointError(f"{parts.report.root}: the weights need about {_gib(on_gpu)} GiB on {device} in "
-                                  f"{dtype_name} ({detail}, offload={offload}) but it has {_gib(free)} GiB free; "
-                                  f"use offload 'phase', a smaller dtype, or another GPU")
+                                  f"{dtype_name} ({detail}, offload={offload}) but it has {_gib(size)} GiB; "
+                                  f"use offload 'phase', a smaller dtype, or a larger GPU")
+        if on_gpu > free:  # other models (a ComfyUI host's) may be freed for it: a warning, not a refusal
+            log.warning("%s: the weights need about %s GiB on %s but %s GiB are free now", parts.report.root,
+                        _gib(on_gpu), device, _gib(free))
     return need
 
 
