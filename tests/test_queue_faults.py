@@ -158,7 +158,7 @@ def _run(tmp_path, server, **kw):
 def test_the_well_behaved_stand_in_works(serve, tmp_path):
     summary = _run(tmp_path, serve())
     assert summary["done"] == 1
-    assert open(tmp_path / "out" / "job_0000" / "1-a.png", "rb").read() == b"PNGDATA"
+    assert (tmp_path / "out" / "job_0000" / "1-a.png").read_bytes() == b"PNGDATA"
 
 
 # One deadline for the whole request ---------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def load_image(path: str) -> torch.Tensor:
         raise
     except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, EOFError ... from a broken file
         raise ValueError(f"cannot read image {where}: not a readable image file "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     return torch.from_numpy(rgb)[None]
 
 
@@ -111,7 +111,7 @@ def check_image_out(path: str) -> str:
         encode_image(torch.zeros(8, 8, 3), {"check": "x"}, fmt)
     except Exception as e:  # XBM, MSP, Palm: no RGB; WMF, HDF5: no save handler
         raise ValueError(f"output path {path}: PIL cannot write an RGB picture as {fmt} ({e}); use .png "
-                         f"(or .jpg, .webp)") from None
+                         f"(or .jpg, .webp)") from e
     return path
 
 

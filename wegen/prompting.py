@@ -54,7 +54,7 @@ class TokenizerError(ValueError):
 def check_user_text(text, name: str = "prompt") -> str:
     """User text: a str, valid UTF-8 (no lone surrogates from undecodable argv bytes), no turn markers."""
     if not isinstance(text, str):
-        raise ValueError(f"{name} must be text, got {type(text).__name__}")
+        raise TypeError(f"{name} must be text, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
