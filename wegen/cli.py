@@ -450,7 +450,7 @@ def _replay(args):
 
 
 def cmd_queue(args):
-    from .remote import run_queue
+    from .queueing import run_queue
 
     summary = run_queue(args.workflow, args.server, args.sets, args.out, max_pending=args.max_pending,
                         timeout=args.timeout, poll=args.poll, report=_print_job)

@@ -1,4 +1,4 @@
-"""Batch-queue a ComfyUI workflow on running ComfyUI servers over HTTP (stdlib only). EXTENSION.
+"""`python -m wegen queue`: batch-queue a ComfyUI workflow on running ComfyUI servers over HTTP (stdlib). EXTENSION.
 
 `python -m wegen queue WORKFLOW.json --server URL [--server URL ...] [--set NODE.INPUT=v1,v2,...]`
 spreads one workflow, expanded into jobs, over one or more ComfyUI machines, waits, downloads every
