@@ -241,7 +241,7 @@ def test_ui_to_api_follows_the_editor(dict_links):
 def test_ui_to_api_refuses_what_it_cannot_convert():
     ui = _ui()
     ui["nodes"].append({"id": 20, "type": "FancyThirdPartyNode", "widgets_values": []})
-    with pytest.raises(ValueError, match="node 20 is of type 'FancyThirdPartyNode', which the server does not have"):
+    with pytest.raises(ValueError, match="node 20 is of type 'FancyThirdPartyNode', an unknown node type"):
         queueing.ui_to_api(ui, OBJECT_INFO)
     with pytest.raises(ValueError, match="uses subgraphs"):
         queueing.ui_to_api({**_ui(), "definitions": {"subgraphs": [{"id": "x"}]}}, OBJECT_INFO)
@@ -442,12 +442,9 @@ UI_WORKFLOWS = sorted(f[:-len(".json")] for f in os.listdir(os.path.join(ROOT, "
 
 def _object_info(mappings) -> dict:
     """/object_info as ComfyUI 0.8 builds it from V1 node classes (server.py node_info), for our mappings."""
-    info = {}
-    for name, cls in mappings.items():
-        inputs = cls.INPUT_TYPES()
-        info[name] = {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()},
-                      "output": list(cls.RETURN_TYPES), "display_name": getattr(cls, "TITLE", name)}
-    return json.loads(json.dumps(info))  # through JSON, as a client sees it
+    from wegen.workflow import object_info
+
+    return json.loads(json.dumps(object_info(mappings)))  # through JSON, as a client sees it
 
 
 def _twin(name) -> dict:
@@ -466,14 +463,14 @@ def _plain(api) -> dict:
 
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
 def test_bundled_ui_workflows_convert_to_their_api_twins(comfy_host, name):
-    from nodes import headless
+    from ComfyUI_WeGen.nodes import headless
 
     converted = queueing.ui_to_api(_ui_file(name), _object_info(headless.node_mappings()))
     assert _plain(converted) == _plain(_twin(name))
 
 
 def test_psr_workflow_expands_with_set(comfy_host):
-    from nodes import headless
+    from ComfyUI_WeGen.nodes import headless
 
     api = queueing.ui_to_api(_ui_file("psr_diversity_sweep"), _object_info(headless.node_mappings()))
     jobs = queueing.expand_jobs(api, [queueing.parse_set("WeGen Prompt Self-Rewrite.seed=1,2"),
