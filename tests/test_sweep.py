@@ -297,13 +297,13 @@ def test_cli_sweep_ray_missing_is_a_clear_error(tiny_ckpt, tmp_path, capsys, mon
 
 @pytest.fixture
 def model(comfy_host):
-    from nodes.loader import WeGenLoader
+    from ComfyUI_WeGen.nodes.loader import WeGenLoader
 
     return WeGenLoader().load("tiny", "fp32", "cpu")[0]
 
 
 def test_rewrite_node_outputs_a_string_list(engine, model, comfy_host):
-    from nodes.sweep import WeGenPromptSelfRewrite
+    from ComfyUI_WeGen.nodes.sweep import WeGenPromptSelfRewrite
     from wegen.rewrite import DEFAULT_TEMPLATE, rewrite_prompt
 
     node = WeGenPromptSelfRewrite
@@ -318,8 +318,8 @@ def test_rewrite_node_outputs_a_string_list(engine, model, comfy_host):
 
 
 def test_sweep_node_returns_batch_list_and_sheet_and_saves_the_folder(engine, model, comfy_host):
-    from nodes import host as node_host
-    from nodes.sweep import WeGenDiversitySweep
+    from ComfyUI_WeGen.nodes import host as node_host
+    from ComfyUI_WeGen.nodes.sweep import WeGenDiversitySweep
 
     node = WeGenDiversitySweep
     assert node.INPUT_IS_LIST and node.OUTPUT_IS_LIST == (False, True, False) and node.OUTPUT_NODE
@@ -340,7 +340,7 @@ def test_sweep_node_returns_batch_list_and_sheet_and_saves_the_folder(engine, mo
 
 
 def test_sweep_node_interrupt_stops_it(model, comfy_host):
-    from nodes.sweep import WeGenDiversitySweep
+    from ComfyUI_WeGen.nodes.sweep import WeGenDiversitySweep
 
     comfy_host.interrupt_at_update = 3
     with pytest.raises(InterruptProcessingException):
@@ -356,7 +356,7 @@ def test_sweep_node_interrupt_stops_it(model, comfy_host):
     (dict(width=[60]), "width must be a positive multiple of 8"),
 ])
 def test_sweep_node_bad_inputs(model, comfy_host, change, match, monkeypatch):
-    from nodes.sweep import WeGenDiversitySweep
+    from ComfyUI_WeGen.nodes.sweep import WeGenDiversitySweep
 
     monkeypatch.setattr(sw, "sweep", _never)
     kwargs = dict(model=[model], prompts=["a cat"], seed=[3], seeds=[2], steps=[2], cfg=[2.0], width=[64],
