@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint folder or bundled name (default: wegen-toy; with --tiny: models/wegen/tiny)")
     parser.add_argument("--tiny", action="store_true",
-                        help="build the tiny random-weight checkpoint at --checkpoint if it is missing (noise pictures)")
+                        help="build the tiny random-weight checkpoint at --checkpoint when missing (noise pictures)")
     parser.add_argument("--out", default=os.path.join("output", "demo"))
     return parser
 
