@@ -68,14 +68,16 @@ class WeGenChatMemory:
 
     @classmethod
     def IS_CHANGED(cls, session_name="chat", action="continue"):
-        sessions = host.wegen("sessions")
+        from ..wegen import sessions
+
         try:
             return f"{session_name}:{sessions.session_revision(sessions_root(), session_name)}:{action}"
         except ValueError:
             return float("nan")  # re-run: the node raises the clear error
 
     def open(self, session_name, action="continue"):
-        sessions = host.wegen("sessions")
+        from ..wegen import sessions
+
         root = sessions_root()
         sessions.check_session_name(session_name)
         if action not in ACTIONS:
@@ -156,7 +158,9 @@ class WeGenChatTurn:
             raise ValueError(f"history_features must be one of {list(HISTORY_FEATURES)}, got {history_features!r}")
         engine = host.load_engine(model)
         settings = convert.decode_settings(engine, steps, cfg, width, height)
-        result = host.wegen("chat").chat_turn(
+        from ..wegen.chat import chat_turn
+
+        result = chat_turn(
             engine, chat.root, chat.name, message, images, seed=seed, **settings, reference="auto", mask=mask,
             strength=strength, feather=feather, history_features=history_features,
             feature_slice=engine.recommended["feature_slice"], expect_turns=chat.turn_ids,
@@ -175,25 +179,29 @@ NODE_CLASS_MAPPINGS = {"WeGenChatMemory": WeGenChatMemory, "WeGenChatTurn": WeGe
 
 def api_session(name: str) -> dict:
     """GET /wegen/chat/session?name=: the session's turns (texts, settings, image paths)."""
-    sessions = host.wegen("sessions")
+    from ..wegen import sessions
+
     return sessions.session_summary(sessions.load_session(sessions_root(), sessions.check_session_name(name)))
 
 
 def api_image(name: str, file: str) -> str:
     """GET /wegen/chat/image?name=&file=: the path of an image the session lists (nothing else is served)."""
-    sessions = host.wegen("sessions")
+    from ..wegen import sessions
+
     return sessions.session_file(sessions_root(), sessions.check_session_name(name), file)
 
 
 def api_undo(name: str) -> dict:
     """POST /wegen/chat/undo {name}: remove the last turn (refused while a turn runs)."""
-    sessions = host.wegen("sessions")
+    from ..wegen import sessions
+
     return sessions.session_summary(sessions.undo_turn(sessions_root(), name, blocking=False))
 
 
 def api_new(name: str) -> dict:
     """POST /wegen/chat/new {name}: an unused session name based on `name` (nothing is created or removed)."""
-    sessions = host.wegen("sessions")
+    from ..wegen import sessions
+
     base = sessions.check_session_name(name).rstrip("0123456789").rstrip("-") or "chat"
     taken = set(sessions.list_sessions(sessions_root()))
     k = 2
@@ -206,7 +214,8 @@ async def _handle(request, method: str):
     """One route: query (GET) or JSON body (POST) -> the api_* function; errors -> JSON {error} with a status."""
     from aiohttp import web
 
-    sessions = host.wegen("sessions")
+    from ..wegen import sessions
+
     try:
         args = dict(request.query) if request.method == "GET" else dict(await request.json())
         if method == "image":

@@ -106,7 +106,9 @@ class WeGenConsistencyDecode:
                feather=16):
         engine = host.load_engine(model)
         settings = convert.decode_settings(engine, steps, cfg, width, height)
-        host.wegen("decoder").check_size(settings["width"], settings["height"])
+        from ..wegen.decoder import check_size
+
+        check_size(settings["width"], settings["height"])
         width, height = settings["width"], settings["height"]
         features = convert.cond_in(cond, (engine.mllm_cfg.n_gen_tokens, engine.mllm_cfg.feature_dim))
         reference = None if reference is None else convert.image_in(reference, "reference")
@@ -146,7 +148,9 @@ class WeGenReconstruct:
     def reconstruct(self, model, images, seed, steps, cfg, width, height):
         engine = host.load_engine(model)
         settings = convert.decode_settings(engine, steps, cfg, width, height)
-        host.wegen("decoder").check_size(settings["width"], settings["height"])
+        from ..wegen.decoder import check_size
+
+        check_size(settings["width"], settings["height"])
         images = convert.image_in(images, "images")
         with host.stage(model, engine, "eva", "unet", "vae") as progress:
             out = engine.reconstruct(images, seed=convert.seeds(seed, images.shape[0]), **settings,

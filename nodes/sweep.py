@@ -30,7 +30,8 @@ class WeGenPromptSelfRewrite:
 
     @classmethod
     def INPUT_TYPES(cls):
-        rewrite = host.wegen("rewrite")
+        from ..wegen import rewrite
+
         return {
             "required": {
                 "model": ("WEGEN_MODEL", {"tooltip": "From WeGen Loader."}),
@@ -62,7 +63,8 @@ class WeGenPromptSelfRewrite:
         prompt = convert.text_in(prompt, "prompt")
         template = convert.text_in(template, "template")
         seed = convert.seeds(seed, 1)[0]
-        rewrite = host.wegen("rewrite")
+        from ..wegen import rewrite
+
         rewrite.check_rewrite_inputs(prompt, n, seed, temperature, top_p, max_new_tokens, max_chars, template,
                                      rewrite.DEFAULT_MAX_ROUNDS, bool(keep_original))  # before loading the model
         engine = host.load_engine(model)
@@ -134,7 +136,8 @@ class WeGenDiversitySweep:
             ("save_to", save_to), ("unique_id", unique_id or [None]))}
         texts = split_prompts(prompts)
         first = convert.seeds(one["seed"], 1)[0]
-        sw = host.wegen("sweep")
+        from ..wegen import sweep as sw
+
         seed_list = sw.check_seeds(convert.seeds(first, _count(one["seeds"])))
         engine = host.load_engine(one["model"])  # cached since the Loader ran: its recommendation fills the 0s
         decode = convert.decode_settings(engine, one["steps"], one["cfg"], one["width"], one["height"])

@@ -519,7 +519,7 @@ def test_cli_chat_corrupt_session_exits_2_and_keeps_file(capsys, tiny_ckpt, tmp_
 def test_transcript_page_and_demo_items(three_turns, tmp_path):
     import shutil
 
-    from wegen import demo
+    from ComfyUI_WeGen.nodes import demo  # the demo's workflow side (the pack, loaded as ComfyUI loads it)
 
     out = tmp_path / "demo"
     shutil.copytree(os.path.join(three_turns[0], "fox"), out / "wegen" / "sessions" / "fox")

@@ -10,12 +10,18 @@ import pytest
 import torch
 
 from host_stubs import InterruptProcessingException
-from nodes import NODE_CLASS_MAPPINGS, host
-from nodes import chat as chat_nodes
-from nodes.loader import WeGenLoader
-from wegen import chat, sessions
+from ComfyUI_WeGen.nodes import NODE_CLASS_MAPPINGS, host
+from ComfyUI_WeGen.nodes import chat as chat_nodes
+from ComfyUI_WeGen.nodes.loader import WeGenLoader
+from ComfyUI_WeGen.wegen import chat, sessions
 
 SMALL = dict(seed=42, steps=2, cfg=2.0, width=64, height=64)
+
+
+@pytest.fixture(scope="session")
+def engine(pack_engine):
+    """The nodes' copy of the engine (ComfyUI_WeGen.wegen): the one their loader caches."""
+    return pack_engine
 
 
 def folder_state(path) -> dict:

@@ -12,7 +12,6 @@ import sys
 
 from . import cli_toy
 
-DEFAULT_TINY = os.path.join("models", "wegen", "tiny")
 DEFAULT_SESSIONS = os.path.join("output", "wegen", "sessions")  # ComfyUI keeps them in <output>/wegen/sessions
 
 
@@ -120,13 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_toy.add_parsers(sub, _add_engine_args)
 
-    p = sub.add_parser("demo", help="the bundled workflows on the bundled wegen-toy checkpoint -> output/demo/ "
-                                    "with index.html (each picture judged by the shapes world's reader)")
-    p.add_argument("--checkpoint", default=None,
-                   help="checkpoint folder or bundled name (default: wegen-toy; with --tiny: models/wegen/tiny)")
-    p.add_argument("--tiny", action="store_true",
-                   help="build the tiny random-weight checkpoint at --checkpoint if it is missing (noise pictures)")
-    p.add_argument("--out", default=os.path.join("output", "demo"))
+    p = sub.add_parser("demo", help="moved: run `python demo.py` in the pack's folder (it runs the node graph, which "
+                                    "the engine does not import)")
+    p.add_argument("--checkpoint")  # the demo's options, accepted so that the pointer is what a user sees
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--out")
     return parser
 
 
@@ -281,10 +278,11 @@ def cmd_chat(args):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
+    from .demo import DEMO_COMMAND
 
-    checkpoint = args.checkpoint or (DEFAULT_TINY if args.tiny else "wegen-toy")
-    print(run_demo(checkpoint, args.out, make_tiny=args.tiny))
+    print(f"error: the demo runs the node graph, which the engine does not import; run `{DEMO_COMMAND} "
+          f"[--checkpoint DIR|NAME] [--tiny] [--out DIR]` in the pack's folder instead", file=sys.stderr)
+    return 2
 
 
 # Prompt Self-Rewriting, diversity sweeps, remote queue (extensions) ---------------------------------
@@ -450,7 +448,7 @@ def _replay(args):
 
 
 def cmd_queue(args):
-    from .remote import run_queue
+    from .queueing import run_queue
 
     summary = run_queue(args.workflow, args.server, args.sets, args.out, max_pending=args.max_pending,
                         timeout=args.timeout, poll=args.poll, report=_print_job)
