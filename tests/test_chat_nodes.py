@@ -13,7 +13,7 @@ from host_stubs import InterruptProcessingException
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes import chat as chat_nodes
 from nodes.loader import WeGenLoader
-from wegen import chat, sessions
+from wegen import chat, decoder, sessions
 
 SMALL = dict(seed=42, steps=2, cfg=2.0, width=64, height=64)
 
@@ -86,7 +86,7 @@ def test_three_turns_through_the_nodes(comfy_host, model, root):
     assert ref3.turn_ids == (1, 2, 3)
     session = sessions.load_session(root, "studio")
     assert [t.settings["reference"] for t in session.turns] == ["none", "previous", "previous"]
-    outside = chat.decoder.feather_weight(mask, 4)[0, 0] == 0
+    outside = decoder.feather_weight(mask, 4)[0, 0] == 0
     assert torch.equal(image3[0][outside], session.image(session.turns[1])[0][outside])
     # each stage went through ComfyUI's memory manager and progress bar
     loaded = [[p.model.inner for p in patchers] for patchers, _ in comfy_host.loads]

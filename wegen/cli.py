@@ -332,15 +332,20 @@ def _add_psr_parsers(sub):
 
 
 def _add_rewrite_args(p, n_required: bool):
+    from . import rewrite
+
     p.add_argument("-n", type=int, required=n_required, default=None, help="K, how many prompts")
-    p.add_argument("--temperature", type=float, default=0.9, help="rewrite sampling temperature (> 0 for K > 1)")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=96, help="token cap of one rewrite")
-    p.add_argument("--max-chars", type=int, default=400, help="character cap of one rewrite")
+    p.add_argument("--temperature", type=float, default=rewrite.DEFAULT_TEMPERATURE,
+                   help="rewrite sampling temperature (> 0 for K > 1)")
+    p.add_argument("--top-p", type=float, default=rewrite.DEFAULT_TOP_P)
+    p.add_argument("--max-new-tokens", type=int, default=rewrite.DEFAULT_MAX_NEW_TOKENS,
+                   help="token cap of one rewrite")
+    p.add_argument("--max-chars", type=int, default=rewrite.DEFAULT_MAX_CHARS, help="character cap of one rewrite")
     p.add_argument("--keep-original", action="store_true", help="the prompt itself is the first of the K")
     p.add_argument("--template", default=None, help="rewrite instruction with {prompt} (or @FILE); default: "
                                                      "wegen.rewrite.DEFAULT_TEMPLATE")
-    p.add_argument("--max-rounds", type=int, default=4, help="batched decodes allowed, re-sampling included")
+    p.add_argument("--max-rounds", type=int, default=rewrite.DEFAULT_MAX_ROUNDS,
+                   help="batched decodes allowed, re-sampling included")
 
 
 def _rewrite_kwargs(args) -> dict:

@@ -42,6 +42,8 @@ DEFAULT_TEMPLATE = (
 PLACEHOLDER = "{prompt}"
 MAX_N = 256  # rewrites per call: a bound on one batched decode
 DEFAULT_MAX_ROUNDS = 4  # batched decodes per call, re-sampling included
+# Sampling defaults of one call (the node's widgets and the CLI's options use these)
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_CHARS = 0.9, 0.95, 96, 400
 _LABEL = re.compile(r"^\s*(?:(?:new|rewritten|detailed|image)\s+)?prompt\s*:\s*", re.IGNORECASE)
 _QUOTES = "\"'\u201c\u201d\u2018\u2019"
 
@@ -115,8 +117,9 @@ def dedupe_key(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def rewrite_prompt(engine, prompt: str, n: int, *, seed: int = 0, temperature: float = 0.9, top_p: float = 0.95,
-                   max_new_tokens: int = 96, max_chars: int = 400, keep_original: bool = False,
+def rewrite_prompt(engine, prompt: str, n: int, *, seed: int = 0, temperature: float = DEFAULT_TEMPERATURE,
+                   top_p: float = DEFAULT_TOP_P, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                   max_chars: int = DEFAULT_MAX_CHARS, keep_original: bool = False,
                    template: str = DEFAULT_TEMPLATE, max_rounds: int = DEFAULT_MAX_ROUNDS,
                    callback=None) -> RewriteResult:
     """One prompt -> K distinct rewrites, all sampled in one batched decode (+ re-sampling rounds). Extension.
