@@ -213,7 +213,8 @@ def test_strength_without_mask_starts_from_previous_image(engine, session_copy):
                          **dict(FAST, steps=4))
     assert near.record.settings["reference"] == "previous" and far.record.settings["reference"] == "none"
     # the decoder started from the previous image's latents (the tiny VAE is random: compare with the engine)
-    expected = engine.decode_pixels(near.features, seed=4, steps=4, width=64, height=64, reference=previous, strength=0.25)
+    expected = engine.decode_pixels(near.features, seed=4, steps=4, width=64, height=64, reference=previous,
+                                    strength=0.25)
     assert torch.equal(near.image, expected) and not torch.equal(near.image, far.image)
 
 

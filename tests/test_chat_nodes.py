@@ -13,7 +13,7 @@ from host_stubs import InterruptProcessingException
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes import chat as chat_nodes
 from nodes.loader import WeGenLoader
-from wegen import chat, decoder, sessions
+from wegen import decoder, sessions
 
 SMALL = dict(seed=42, steps=2, cfg=2.0, width=64, height=64)
 
