@@ -9,10 +9,11 @@ import functools
 import os
 from dataclasses import dataclass
 
+from ..wegen import rules
 from . import convert, host
 
 ACTIONS = ("continue", "reset", "undo last turn")
-HISTORY_FEATURES = ("stored", "eva")
+HISTORY_FEATURES = rules.HISTORY_FEATURES
 
 
 def sessions_root() -> str:
@@ -116,20 +117,18 @@ class WeGenChatTurn:
                 "chat": ("WEGEN_CHAT", {"tooltip": "From WeGen Chat Memory or the previous Chat Turn."}),
                 "message": ("STRING", {"multiline": True, "default": "a red fox in a snowy forest, watercolor",
                                        "tooltip": "What you ask for in this turn."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": convert.MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "Seed of the decoder noise (and of text sampling) for this turn."}),
-                "steps": ("INT", {**convert.STEPS, "tooltip": convert.STEPS_TIP}),
-                "cfg": ("FLOAT", {**convert.CFG, "tooltip": convert.CFG_TIP}),
-                "width": ("INT", {**convert.SIZE, "tooltip": f"Output width, {convert.SIZE_TIP} With strength < 1 "
-                                                             f"or a mask it must equal the previous image's."}),
-                "height": ("INT", {**convert.SIZE, "tooltip": f"Output height, {convert.SIZE_TIP} With strength < 1 "
-                                                              f"or a mask it must equal the previous image's."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "Extension (consistency strength): 1.0 = the decoder starts "
-                                                  "from noise (release); lower starts from the previous image "
-                                                  "and keeps more of it."}),
-                "feather": ("INT", {"default": 16, "min": 0, "max": 256,
-                                    "tooltip": "Extension: pixels over which the mask edge blends (with a mask)."}),
+                "seed": rules.widget("seed", "Seed of the decoder noise (and of text sampling) for this turn.",
+                                     default=42),
+                **rules.decode_widgets(),
+                **rules.size_widgets(
+                    f"Output width, {rules.SIZE_TIP} With strength < 1 or a mask it must equal the previous image's.",
+                    f"Output height, {rules.SIZE_TIP} With strength < 1 or a mask it must equal the previous "
+                    f"image's."),
+                "strength": rules.widget("strength", "Extension (consistency strength): 1.0 = the decoder starts "
+                                                     "from noise (release); lower starts from the previous image "
+                                                     "and keeps more of it."),
+                "feather": rules.widget("feather", "Extension: pixels over which the mask edge blends (with a "
+                                                   "mask)."),
                 "history_features": (list(HISTORY_FEATURES), {
                     "default": "stored",
                     "tooltip": "Extension: how past images re-enter the prompt: stored = their 64 generated "

@@ -233,21 +233,15 @@ def patcher(engine, name: str, host=None):
                                             offload_device=host.mm.unet_offload_device())
         callbacks = getattr(host.patcher_extension, "CallbacksMP", None)
         if callbacks is not None and hasattr(p, "add_callback"):
-            p.add_callback(callbacks.ON_DETACH, functools.partial(release_device_state, engine, name, module))
+            p.add_callback(callbacks.ON_DETACH, functools.partial(release_device_state, engine, name))
         _PATCHERS[key] = p
     return _PATCHERS[key]
 
 
-def release_device_state(engine, name, module, patcher=None, unpatch_all=True):
-    """ComfyUI moved engine.<name> off the GPU ("Unload models", eviction): drop the CUDA graphs and static
-    caches made for its weights and, for the LLM, the chat prefix KV caches, which sit on the GPU too."""
-    try:
-        from ..wegen import chat, fastpath
-    except ImportError:
-        return
-    fastpath.release(module)
-    if name == "mllm":
-        chat.engine_prefix_cache(engine).clear()
+def release_device_state(engine, name, patcher=None, unpatch_all=True):
+    """ComfyUI moved engine.<name> off the GPU ("Unload models", eviction; a ModelPatcher ON_DETACH callback):
+    the engine frees what it keeps on the device for that module besides the weights (engine.release)."""
+    engine.release(name)
 
 
 @contextlib.contextmanager

@@ -404,8 +404,9 @@ def test_stages_load_their_modules_through_comfy(comfy_host, cond, engine):
     assert [p.model.inner for p in understand_patchers] == [engine.eva, engine.mllm]
     assert decode_kw["force_full_load"] and understand_kw["force_full_load"]
     assert str(decode_patchers[0].load_device) == "cpu" and str(decode_patchers[0].offload_device) == "cpu"
+    detached = [p.detached for p in decode_patchers + understand_patchers]  # patchers live as long as the engine
     comfy_host.modules["comfy.model_management"].unload_all_models()  # the "Unload models" button
-    assert all(p.detached == 1 for p in decode_patchers + understand_patchers)
+    assert [p.detached for p in decode_patchers + understand_patchers] == [n + 1 for n in detached]
     WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)  # loads again, same patchers
     assert comfy_host.loads[-1][0] == decode_patchers
 

@@ -46,7 +46,7 @@ def test_batched_equals_sequential(engine, one_batch):
         single = engine.encode(prompt, seed=FAST.encode_seed + k).features[0]
         assert (single - one_batch.features[k]).abs().max() < 1e-5
         for s, seed in enumerate(SEEDS):
-            image = engine.decode(single[None], seed=seed, steps=2, width=64, height=64)[0]
+            image = engine.decode_pixels(single[None], seed=seed, steps=2, width=64, height=64)[0]
             assert (image - one_batch.images[k * 2 + s]).abs().max() < 1e-4
 
 
@@ -193,7 +193,7 @@ def test_parse_seeds_errors(text, match):
     (["ok"], [1], sw.SweepSettings(steps=2, max_batch=0), "max_batch must be a positive"),
 ])
 def test_bad_sweep_inputs(engine, prompts, seeds, settings, match, monkeypatch):
-    monkeypatch.setattr(engine, "decode", _never)
+    monkeypatch.setattr(engine, "decode_pixels", _never)
     with pytest.raises(ValueError, match=match):
         sw.sweep(engine, prompts, seeds, settings)
 
