@@ -132,7 +132,7 @@ def test_engine_refuses_an_unknown_prediction_type(engine, monkeypatch):
     monkeypatch.setattr(engine, "scheduler", _scheduler("x0"))
     monkeypatch.setattr(engine.unet, "forward", lambda *a, **k: pytest.fail("the UNet was called"))
     with pytest.raises(ValueError, match="'x0'"):
-        engine.decode(torch.zeros(1, 64, engine.decoder_cfg.context_dim), steps=2, width=64, height=64)
+        engine.decode_pixels(torch.zeros(1, 64, engine.decoder_cfg.context_dim), steps=2, width=64, height=64)
 
 
 @pytest.mark.parametrize("prediction_type", TYPES)

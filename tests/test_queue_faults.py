@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from wegen import remote
+from wegen import queueing
 
 try:
     from wegen import queue_http
@@ -151,7 +151,7 @@ def _wf(tmp_path, api=API) -> str:
 
 
 def _run(tmp_path, server, **kw):
-    return remote.run_queue(_wf(tmp_path), [server.url], [], str(tmp_path / "out"),
+    return queueing.run_queue(_wf(tmp_path), [server.url], [], str(tmp_path / "out"),
                             **{"max_pending": 1, "timeout": 20.0, "poll": 0.01, **kw})
 
 
@@ -167,7 +167,7 @@ def test_the_well_behaved_stand_in_works(serve, tmp_path):
                                                    ("/history/p1", False), ("/view", False)])
 def test_a_trickling_server_is_cut_off_at_the_deadline(serve, tmp_path, endpoint, headers_too):
     server = serve(**{endpoint: trickle(headers_too=headers_too)})
-    with pytest.raises(remote.RemoteError, match=rf"{server.url} \((GET|POST) {endpoint}\) did not finish answering "
+    with pytest.raises(queueing.RemoteError, match=rf"{server.url} \((GET|POST) {endpoint}\) did not finish answering "
                                                  r"within 0\.5 s"):
         _run(tmp_path, server, timeout=0.5)
     for _ in range(200):  # the server notices the hang-up at its next write
@@ -190,7 +190,7 @@ def test_an_endless_view_body_is_capped_and_leaves_no_file(serve, tmp_path, monk
     if queue_http is not None:
         monkeypatch.setattr(queue_http, "MAX_DOWNLOAD_BYTES", 1 << 20)
     server = serve(**{"/view": endless()})
-    with pytest.raises(remote.RemoteError, match=rf"{server.url} \(GET /view\) sent more than 1048576 bytes"):
+    with pytest.raises(queueing.RemoteError, match=rf"{server.url} \(GET /view\) sent more than 1048576 bytes"):
         _run(tmp_path, server)
     assert os.listdir(tmp_path / "out" / "job_0000") == []  # no partial file, no temp file
 
@@ -201,7 +201,7 @@ def test_an_announced_huge_view_is_refused_before_reading(serve, tmp_path):
         h.send_header("Content-Length", str(10**12))
         h.end_headers()
     server = serve(**{"/view": huge})
-    with pytest.raises(remote.RemoteError, match=r"announced a 1000000000000-byte reply"):
+    with pytest.raises(queueing.RemoteError, match=r"announced a 1000000000000-byte reply"):
         _run(tmp_path, server)
 
 
@@ -210,7 +210,7 @@ def test_an_endless_json_reply_is_capped(serve, tmp_path, monkeypatch, endpoint)
     if queue_http is not None:
         monkeypatch.setattr(queue_http, "MAX_JSON_BYTES", 1 << 20)
     server = serve(**{endpoint: endless()})
-    with pytest.raises(remote.RemoteError, match=rf"\((GET|POST) {endpoint}\) sent more than 1048576 bytes"):
+    with pytest.raises(queueing.RemoteError, match=rf"\((GET|POST) {endpoint}\) sent more than 1048576 bytes"):
         _run(tmp_path, server)
 
 
@@ -243,8 +243,8 @@ def test_odd_json_shapes_are_one_line_naming_server_and_endpoint(serve, tmp_path
 def test_odd_object_info_for_a_ui_workflow(serve, tmp_path, answer):
     ui = {"nodes": [{"id": 1, "type": "SaveImage", "widgets_values": ["q"]}], "links": []}
     server = serve(**{"/object_info": answer})
-    with pytest.raises(remote.RemoteError, match=rf"{server.url} \(GET /object_info\) answered"):
-        remote.run_queue(_wf(tmp_path, ui), [server.url], [], str(tmp_path / "out"), poll=0.01)
+    with pytest.raises(queueing.RemoteError, match=rf"{server.url} \(GET /object_info\) answered"):
+        queueing.run_queue(_wf(tmp_path, ui), [server.url], [], str(tmp_path / "out"), poll=0.01)
 
 
 @pytest.mark.parametrize("body", [{"error": "x", "node_errors": []}, {"error": {}, "node_errors": {"1": 5}},
@@ -252,7 +252,7 @@ def test_odd_object_info_for_a_ui_workflow(serve, tmp_path, answer):
                                   {"error": ["a\nb"]}, b"\xff"])
 def test_odd_http_error_bodies_are_one_line(serve, tmp_path, body):
     server = serve(**{"/prompt": (400, body)})
-    with pytest.raises(remote.RemoteError, match=rf"{server.url} (refused|answered) POST /prompt") as err:
+    with pytest.raises(queueing.RemoteError, match=rf"{server.url} (refused|answered) POST /prompt") as err:
         _run(tmp_path, server)
     assert "\n" not in str(err.value)
 
@@ -276,7 +276,7 @@ def test_corrupt_queue_state_is_one_line_and_left_alone(serve, tmp_path, capsys,
     server = serve()
     out = tmp_path / "out"
     out.mkdir()
-    state = out / remote.STATE
+    state = out / queueing.STATE
     if content == "folder":
         state.mkdir()
     else:

@@ -570,7 +570,7 @@ def capture(engine, monkeypatch):
 
     def prompt(fn):
         with monkeypatch.context() as mp:
-            mp.setattr(engine, "_decode", fake_decode)
+            mp.setattr(engine, "generate_tokens", fake_decode)
             with pytest.raises(_Captured) as e:
                 fn()
         return e.value.ids

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import checks
+from . import checks, rules
 from .checks import CheckpointError, need_file
-from .decoder import MAX_SIDE, DecoderConfig
+from .decoder import DecoderConfig
 from .mllm import MllmConfig, WeGenMLLM
 from .vision import EvaConfig, VisionTransformer
 
@@ -319,21 +319,18 @@ def check_recommended(values, path: str) -> dict:
     if not isinstance(values, dict) or set(values) - set(RECOMMENDED_KEYS):
         raise CheckpointError(f"{path}: 'recommended' must be an object with keys among {list(RECOMMENDED_KEYS)}, "
                               f"got {values!r}")
-    # the ranges the decoder accepts (decoder.check_decode_args / check_size), so a bad entry names this file
+    # the ranges every entry point accepts (rules.check_steps / check_size), so a bad entry names this file
     # instead of failing later at decode time; JSON true/false are no numbers here
-    def integer(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if "steps" in values and not (integer(values["steps"]) and 1 <= values["steps"] <= 1000):
-        raise CheckpointError(f"{path}: recommended steps must be an integer in 1..1000, got {values['steps']!r}")
-    for key in ("width", "height"):
-        if key in values and not (integer(values[key]) and 0 < values[key] <= MAX_SIDE and values[key] % 8 == 0):
-            raise CheckpointError(f"{path}: recommended {key} must be a positive multiple of 8 up to {MAX_SIDE}, "
-                                  f"got {values[key]!r}")
+    try:
+        if "steps" in values:
+            rules.check_steps(values["steps"])
+        rules.check_size(values.get("width", 8), values.get("height", 8))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: recommended {e}") from None
     cfg = values.get("cfg", 0.0)
     if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not 0 <= cfg < float("inf"):
         raise CheckpointError(f"{path}: recommended cfg must be a finite number >= 0, got {values['cfg']!r}")
-    if values.get("feature_slice", "official") not in ("official", "aligned"):
+    if values.get("feature_slice", "official") not in rules.FEATURE_SLICES:
         raise CheckpointError(f"{path}: recommended feature_slice must be 'official' or 'aligned', "
                               f"got {values['feature_slice']!r}")
     return dict(values)

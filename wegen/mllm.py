@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from .prompting import ImageTokenIds
+from .rules import FEATURE_SLICES
 
 log = logging.getLogger(__name__)
-
-FEATURE_SLICES = ("official", "aligned")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import torch
 
 from .files import write_atomic, write_json_atomic
 from .inputs import check_features, check_manifest
+from .rules import MAX_SEED, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ MANIFEST = "sweep.json"
 FEATURES = "features.safetensors"
 SHEET = "contact_sheet.png"
 MAX_ITEMS = 4096
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 DIVERSITY_SIDE = 256  # pixels_rms compares images area-scaled to at most this side
 _DTYPE_BYTES = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2}
 ALLOC_SLACK = 1.5  # allocator fragmentation + temporaries on top of the activation estimate
@@ -131,15 +131,14 @@ def check_seeds(seeds) -> list[int]:
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise ValueError(f"each seed must be an integer in 0..2**64-1, got {s!r}")
+        check_seed(s, "each seed")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct (a repeated seed repeats its images), got {seeds}")
     return seeds
 
 
 def check_sweep_inputs(prompts, seeds, settings: SweepSettings):
-    from .decoder import check_decode_args, check_size
+    from .rules import check_decode_args, check_size
 
     if not isinstance(prompts, (list, tuple)) or not prompts or \
             not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -262,7 +261,7 @@ def encode_batch(engine, prompts: list[str], seeds: list[int], settings: SweepSe
 
 def decode_batch(engine, features: torch.Tensor, seeds: list[int], settings: SweepSettings, callback=None):
     """(b, 64, C) features + one seed per image -> (b, H, W, 3) images."""
-    return engine.decode(features, seed=list(seeds), callback=callback, **settings.decode_kwargs())
+    return engine.decode_pixels(features, seed=list(seeds), callback=callback, **settings.decode_kwargs())
 
 
 class LocalExecutor:
