@@ -6,7 +6,8 @@ prompt template, the MLLM decode, the feature slice, the noise, the scheduler, t
 clamping moves them by more than ATOL (measured: one denoising step more moves the tiny corner by 1e-2, cfg 2.0 ->
 2.01 the toy's by 2e-2, sigma^2 + 1.001 for sigma^2 + 1 in the Euler input scaling the tiny centre by 1.3e-4);
 float-rounding noise stays below it (1 vs 2 CPU threads: 4e-6). When a change is meant to alter the
-numbers, run this file with GOLDEN_PRINT=1, check the new pictures, and paste the printed values here.
+numbers, run `GOLDEN_PRINT=1 python -m pytest -s tests/test_golden.py`, check the new pictures, and paste the
+printed values here (and say why in the commit).
 
 Two checkpoints: the tiny random-weight one (`make_tiny(seed=0)`, tests/conftest.py) and the shipped trained
 toy (checkpoints/wegen-toy; skipped when absent).
