@@ -25,6 +25,8 @@ SESSION = "chat_iterative_refine"
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.browser,
     pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                        reason="set COMFYUI_PATH to a ComfyUI checkout to run the browser test"),
     pytest.mark.skipif(not (CHROMIUM and shutil.which("chromedriver")),

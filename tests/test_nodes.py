@@ -455,6 +455,7 @@ def test_latent_preview_picture():
     assert host.latent_rgb(torch.randn(1, 16, 6, 6)).size == (6, 6)  # non-SDXL latents: channels 0..2
 
 
+@pytest.mark.integration
 def test_pack_imports_the_way_comfyui_loads_it(tmp_path):
     """ComfyUI imports the pack under its absolute path as module name: relative imports only, nothing heavy."""
     import os

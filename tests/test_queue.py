@@ -487,6 +487,7 @@ if COMFYUI_PATH:
     from test_real_host import server as comfyui  # noqa: F401  (fixture: the pack inside a real ComfyUI)
 
 
+@pytest.mark.integration
 @real_host
 def test_queue_converts_every_bundled_workflow_with_the_real_object_info(comfyui):  # noqa: F811
     info = remote.Server(comfyui.url).object_info()
@@ -494,6 +495,7 @@ def test_queue_converts_every_bundled_workflow_with_the_real_object_info(comfyui
         assert _plain(remote.ui_to_api(_ui_file(name), info)) == _plain(_twin(name)), name
 
 
+@pytest.mark.integration
 @real_host
 def test_queue_runs_the_psr_ui_workflow_on_the_real_host(comfyui, tmp_path):  # noqa: F811
     out = str(tmp_path / "q")

@@ -28,7 +28,8 @@ from nodes import NODE_CLASS_MAPPINGS
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run these")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run these")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "ComfyUI-WeGen"
 API_WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "tests", "workflows", "*.api.json")))
@@ -250,6 +251,7 @@ def browser(server, tmp_path_factory):
         driver.quit()
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=os.path.basename)
 def test_frontend_loads_ui_workflow_and_exports_the_twin(browser, path):
     """Drag-and-drop equivalent: app.loadGraphData, then the prompt the frontend would queue (Export (API))."""

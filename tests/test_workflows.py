@@ -119,6 +119,7 @@ def test_seed_widgets_get_a_control_value_like_the_frontend():
     assert dict(headless.widgets(NODE_CLASS_MAPPINGS["WeGenMLLMEncode"]))["seed"] is False  # explicit False wins
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_through_the_node_classes(comfy_host, tmp_path, name):
     prompt = api(name)
@@ -242,6 +243,7 @@ def test_core_standins(tmp_path):
 
 # The demo: the product's main job ------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_demo_runs_the_bundled_workflows_on_the_toy_and_judges_them(tmp_path):
     from wegen.demo import run_demo
 
@@ -271,6 +273,7 @@ def test_demo_runs_the_bundled_workflows_on_the_toy_and_judges_them(tmp_path):
     assert index.count("asked attributes right") >= len([it for it in judged if it["of"]])
 
 
+@pytest.mark.integration
 def test_demo_on_another_checkpoint(tmp_path, tiny_ckpt):
     from wegen.demo import run_demo
 
