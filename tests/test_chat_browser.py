@@ -55,7 +55,7 @@ return {nodes: nodes.length, turns: nodes.map(turnsOf), titles: nodes.map((n) =>
 """
 
 
-def wait_for(driver, condition, timeout: float, what: str, server=None):
+def wait_for(driver, condition, timeout: float, what: str, server=None):  # noqa: F811 (not the fixture)
     """Poll the panels until condition(state); fail early when the queued workflow failed."""
     deadline = time.time() + timeout
     state = None
@@ -71,7 +71,7 @@ def wait_for(driver, condition, timeout: float, what: str, server=None):
     pytest.fail(f"timed out waiting for {what}; panel state {state}\n{server.log()[-4000:] if server else ''}")
 
 
-def test_chat_panel_shows_the_three_turns_of_the_workflow(server, browser):
+def test_chat_panel_shows_the_three_turns_of_the_workflow(server, browser):  # noqa: F811 (the fixtures)
     url = server.url
     assert "WeGenChatTurn" in server.get("/object_info/WeGenChatTurn")
     with open(os.path.join(ROOT, "workflows", "chat_iterative_refine.json"), encoding="utf-8") as f:

@@ -349,8 +349,9 @@ def test_progress_bars_over_tokens_and_steps_with_previews(comfy_host, model, co
 
 
 def test_no_previews_when_the_host_turns_them_off(monkeypatch, tiny_ckpt, model, cond):
-    import host_stubs
     import os
+
+    import host_stubs
 
     stub = host_stubs.install(monkeypatch, os.path.dirname(os.path.dirname(model.checkpoint)), preview_method="none")
     WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)

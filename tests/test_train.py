@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wegen import diic, loading
-from wegen import toydata
+from wegen import diic, loading, toydata
 from wegen import toyworld as W
 from wegen.prompting import GENERATE_PREFIX, IMG_END, IMG_START, WeGenTokenizer, image_slot_positions, img_slot_token
 from wegen.train import common, export, stage1, stage2, tower
@@ -665,7 +664,7 @@ def _chain(sequence, seed, **kw):
 
 def test_edit_chains_follow_the_mined_sequences(sequences):
     kinds = set()
-    for k, seq in enumerate(sequences):
+    for seq in sequences:
         assert len(seq["labels"]) == len(seq["images"]) == len(seq["instructions"]) + 1
         for seed in range(6):
             conv, real_ids = _chain(seq, seed)

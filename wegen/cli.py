@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command in RECOMMENDED_FOR:
             _apply_recommended(args)
