@@ -7,8 +7,6 @@ layout, and its edit mask means the same thing (1 = the area to change).
 from __future__ import annotations
 
 from ..wegen import rules  # the widgets' bounds, defaults and checks (stdlib only)
-from . import host
-
 
 
 def decode_settings(engine, steps, cfg, width, height) -> dict:

@@ -6,7 +6,6 @@ from ..wegen import rules
 from . import convert, host
 
 
-
 def _seed_input(default: int):
     return rules.widget("seed", "Noise seed (release: 42). Image b of a batch uses seed + b; same seed, same image.",
                         default=default)

@@ -5,7 +5,6 @@ from ..wegen import rules
 from . import convert, host
 
 
-
 class WeGenMLLMEncode:
     TITLE = "WeGen MLLM Encode"
     CATEGORY = "WeGen/conditioning"

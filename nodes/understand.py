@@ -5,7 +5,6 @@ from ..wegen import rules
 from . import convert, host
 
 
-
 class WeGenUnderstand:
     TITLE = "WeGen Understand"
     CATEGORY = "WeGen/understanding"

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-pytest_plugins = ["host_stubs"]
+pytest_plugins = ["host_stubs", "comfyui_host"]
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,11 @@ under PACK_NAME (the pack's folder name ComfyUI-WeGen as a module name). Node te
 pack's own engine copy (`ComfyUI_WeGen.wegen`); engine tests keep `import wegen`. Objects of the two copies are
 not interchangeable: node tests get their engine from the `pack_engine` fixture (the nodes' loader caches it).
 
-The host: folder_paths, comfy.utils.ProgressBar, comfy.model_management, comfy.model_patcher, comfy.patcher_extension,
-server.PromptServer, latent_preview. They mirror the parts of ComfyUI 0.8 the pack calls (shared/reference/comfyui-host-contract.md
-1.7-1.10), and record what the pack did so tests can check it. The `comfy_host` fixture (or `install(monkeypatch,
-models_dir)`) puts them into sys.modules for one test only (monkeypatch undoes it), so engine tests never see them.
+The host: folder_paths, comfy.utils.ProgressBar, comfy.model_management, comfy.model_patcher,
+comfy.patcher_extension, server.PromptServer, latent_preview. They mirror the parts of ComfyUI 0.8 the pack calls
+(shared/reference/comfyui-host-contract.md 1.7-1.10), and record what the pack did so tests can check it. The
+`comfy_host` fixture (or `install(monkeypatch, models_dir)`) puts them into sys.modules for one test only
+(monkeypatch undoes it), so engine tests never see them.
 """
 from __future__ import annotations
 

@@ -436,6 +436,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_two_processes_serialise_turns_on_one_session(tiny_ckpt, tmp_path):
     root = str(tmp_path / "root")
     os.makedirs(root)

@@ -3,9 +3,8 @@ page with the pack loaded, loads workflows/chat_iterative_refine.json, queues it
 on the Chat Turn nodes shows the three turns (then its undo and new-session buttons, and that the pack's
 routes serve only that session's images).
 
-Runs when COMFYUI_PATH names a ComfyUI checkout (COMFYUI_PYTHON: its interpreter, default this one) and
-chromium, chromedriver and selenium are installed; skips otherwise. The server and browser fixtures are
-tests/test_real_host.py's (ComfyUI on a free loopback port, the pack through extra_model_paths.yaml).
+The server and browser fixtures are tests/comfyui_host.py's (ComfyUI on a free loopback port, the pack through
+extra_model_paths.yaml; they skip without COMFYUI_PATH, chromium, chromedriver or selenium).
 """
 from __future__ import annotations
 
@@ -18,18 +17,11 @@ import urllib.request
 
 import pytest
 
-from test_real_host import browser, server  # noqa: F401  (fixtures: the real ComfyUI and chromium on its page)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SESSION = "chat_iterative_refine"
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [
-    pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
-                       reason="set COMFYUI_PATH to a ComfyUI checkout to run the browser test"),
-    pytest.mark.skipif(not (CHROMIUM and shutil.which("chromedriver")),
-                       reason="needs Debian's chromium and chromium-driver"),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 
 def http(url: str):

@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
-
-from host_stubs import InterruptProcessingException
 from ComfyUI_WeGen.nodes import NODE_CLASS_MAPPINGS, host
 from ComfyUI_WeGen.nodes import chat as chat_nodes
 from ComfyUI_WeGen.nodes.loader import WeGenLoader
 from ComfyUI_WeGen.wegen import decoder, sessions
+
+from host_stubs import InterruptProcessingException
 
 SMALL = dict(seed=42, steps=2, cfg=2.0, width=64, height=64)
 

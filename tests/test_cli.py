@@ -119,6 +119,7 @@ def test_unknown_command_and_missing_argument_exit_2(capsys):
     assert code == 2 and "--checkpoint" in err and err.count("\n") == 1
 
 
+@pytest.mark.integration
 def test_module_entry_point_exit_codes(tmp_path):
     """The real `python -m wegen` process: exit 2 and one stderr line for a missing checkpoint."""
     proc = subprocess.run([sys.executable, "-m", "wegen", "understand", "--checkpoint", str(tmp_path / "none"),

@@ -13,7 +13,6 @@ from wegen import decoder, fastdecode, fastpath, loading, mllm, prompting
 from wegen import engine as engine_mod
 from wegen.engine import WeGenEngine
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -7,22 +7,24 @@ images in every output node, the text in every PreviewAny (the rewrites, the und
 grid with each prompt under its image, and the chat panel with the session's turns. The example workflows must
 also be listed by ComfyUI's template browser. On failure a screenshot is written to output/test-screenshots/.
 
-Runs with a real ComfyUI (COMFYUI_PATH) and Debian's chromium; the fixtures are tests/test_real_host.py's.
+Runs with a real ComfyUI (COMFYUI_PATH) and Debian's chromium: the fixtures of tests/comfyui_host.py.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import time
 import urllib.parse
 
 import pytest
+from comfyui_host import PACK_NAME, ROOT
 
-from test_real_host import PACK_NAME, ROOT, UI_WORKFLOWS, browser, server  # noqa: F401  (fixtures)
-
+UI_WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
 SCREENSHOTS = os.path.join(ROOT, "output", "test-screenshots")
 SHOW_TIMEOUT_S = 60
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 DROP = """
 const [text, filename, count, done] = arguments;

@@ -8,13 +8,13 @@ import os
 
 import pytest
 import torch
-
-from host_stubs import InterruptProcessingException
 from ComfyUI_WeGen.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
 from ComfyUI_WeGen.nodes.decode import WeGenConsistencyDecode, WeGenReconstruct
 from ComfyUI_WeGen.nodes.encode import WeGenMLLMEncode
 from ComfyUI_WeGen.nodes.loader import WeGenLoader
 from ComfyUI_WeGen.nodes.understand import WeGenUnderstand
+
+from host_stubs import InterruptProcessingException
 
 SMALL = dict(steps=2, cfg=2.0, width=64, height=64)
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -355,8 +355,9 @@ def test_progress_bars_over_tokens_and_steps_with_previews(comfy_host, model, co
 
 
 def test_no_previews_when_the_host_turns_them_off(monkeypatch, tiny_ckpt, model, cond):
-    import host_stubs
     import os
+
+    import host_stubs
 
     stub = host_stubs.install(monkeypatch, os.path.dirname(os.path.dirname(model.checkpoint)), preview_method="none")
     WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)
@@ -462,6 +463,7 @@ def test_latent_preview_picture():
     assert host.latent_rgb(torch.randn(1, 16, 6, 6)).size == (6, 6)  # non-SDXL latents: channels 0..2
 
 
+@pytest.mark.integration
 def test_pack_imports_the_way_comfyui_loads_it(tmp_path):
     """ComfyUI imports the pack under its absolute path as module name: relative imports only, nothing heavy."""
     import os

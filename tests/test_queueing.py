@@ -271,7 +271,8 @@ def test_set_expands_to_the_cartesian_product_by_id_title_or_class():
         {"Main.seed": 2, "3.filename_prefix": "a,b", "Loader.ckpt": "big"},
         {"Main.seed": 2, "3.filename_prefix": "c", "Loader.ckpt": "big"}]
     assert jobs[2][1]["2"]["inputs"]["seed"] == 2 and API["2"]["inputs"]["seed"] == 1  # a copy per job
-    cast = queueing.expand_jobs(API, [queueing.parse_set("2.cfg=3"), queueing.parse_set("2.prompt=7")])[0][1]["2"]["inputs"]
+    sets = [queueing.parse_set("2.cfg=3"), queueing.parse_set("2.prompt=7")]
+    cast = queueing.expand_jobs(API, sets)[0][1]["2"]["inputs"]
     assert cast["cfg"] == 3.0 and isinstance(cast["cfg"], float) and cast["prompt"] == "7"
 
 
@@ -379,8 +380,9 @@ def test_failed_job_is_reported_and_the_others_finish(servers, tmp_path, capsys)
 
 def test_server_validation_error_is_a_clear_error(servers, tmp_path):
     wf = _write(tmp_path / "wf.json", API)
-    with pytest.raises(queueing.RemoteError, match=r"refused POST /prompt \(HTTP 400\): Prompt outputs failed validation "
-                                                 r"\[node 2 \(Sampler\): Value smaller than min steps: 0 < 1"):
+    with pytest.raises(queueing.RemoteError,
+                       match=r"refused POST /prompt \(HTTP 400\): Prompt outputs failed validation "
+                             r"\[node 2 \(Sampler\): Value smaller than min steps: 0 < 1"):
         queueing.run_queue(wf, [servers[0].url], ["Main.steps=0"], str(tmp_path / "out"), **_quick())
 
 
@@ -484,6 +486,7 @@ if COMFYUI_PATH:
     from test_real_host import server as comfyui  # noqa: F401  (fixture: the pack inside a real ComfyUI)
 
 
+@pytest.mark.integration
 @real_host
 def test_queue_converts_every_bundled_workflow_with_the_real_object_info(comfyui):  # noqa: F811
     info = queueing.Server(comfyui.url).object_info()
@@ -491,6 +494,7 @@ def test_queue_converts_every_bundled_workflow_with_the_real_object_info(comfyui
         assert _plain(queueing.ui_to_api(_ui_file(name), info)) == _plain(_twin(name)), name
 
 
+@pytest.mark.integration
 @real_host
 def test_queue_runs_the_psr_ui_workflow_on_the_real_host(comfyui, tmp_path):  # noqa: F811
     out = str(tmp_path / "q")

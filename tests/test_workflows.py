@@ -11,7 +11,6 @@ import re
 
 import pytest
 import torch
-
 from ComfyUI_WeGen.nodes import NODE_CLASS_MAPPINGS, headless
 from ComfyUI_WeGen.wegen import workflow
 
@@ -123,6 +122,7 @@ def test_seed_widgets_get_a_control_value_like_the_frontend():
     assert encode["seed"] is False  # explicit False wins
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_through_the_node_classes(comfy_host, tmp_path, name):
     prompt = api(name)
@@ -246,6 +246,7 @@ def test_core_standins(tmp_path):
 
 # The demo: the product's main job ------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_demo_runs_the_bundled_workflows_on_the_toy_and_judges_them(tmp_path):
     from ComfyUI_WeGen.nodes.demo import run_demo
 
@@ -275,6 +276,7 @@ def test_demo_runs_the_bundled_workflows_on_the_toy_and_judges_them(tmp_path):
     assert index.count("asked attributes right") >= len([it for it in judged if it["of"]])
 
 
+@pytest.mark.integration
 def test_demo_on_another_checkpoint(tmp_path, tiny_ckpt):
     from ComfyUI_WeGen.nodes.demo import run_demo
 

@@ -137,7 +137,8 @@ def main(argv=None) -> int:
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         inputs.precheck(args)  # device, texts, output paths and session folders: before any model loads
         if getattr(args, "seed", None) is not None:
@@ -199,8 +200,8 @@ def cmd_convert(args):
 
 
 def cmd_generate(args):
-    from .rules import check_decode_args, check_size
     from .images import check_image_out, load_image, save_png
+    from .rules import check_decode_args, check_size
 
     check_image_out(args.out)
     check_decode_args(args.steps, args.cfg, 1.0)
@@ -240,8 +241,8 @@ def cmd_understand(args):
 
 
 def cmd_reconstruct(args):
-    from .rules import check_decode_args, check_size
     from .images import check_image_out, load_image, save_png
+    from .rules import check_decode_args, check_size
 
     check_image_out(args.out)
     check_decode_args(args.steps, args.cfg, 1.0)
@@ -257,8 +258,8 @@ def cmd_reconstruct(args):
 
 def cmd_chat(args):
     from . import chat, sessions
-    from .rules import check_decode_args, check_size
     from .images import check_image_out, check_writable, load_image, save_png
+    from .rules import check_decode_args, check_size
 
     sessions.check_session_name(args.session)
     check_image_out(args.out)

@@ -59,7 +59,8 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # the scheduler config
 
 
 def to_epsilon(output, x, sigma: float, prediction_type: str):
-    """The UNet's output -> the noise it implies at latents `x` (noise level `sigma`), as diffusers' Euler step reads it.
+    """The UNet's output -> the noise it implies at latents `x` (noise level `sigma`), as diffusers' Euler step
+    reads it.
 
     epsilon (the release's): unchanged. sample: x0 = output. v_prediction: x0 = x / (sigma^2 + 1) - output *
     sigma / sqrt(sigma^2 + 1). Then eps = (x - x0) / sigma.

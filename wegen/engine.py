@@ -106,7 +106,8 @@ class WeGenEngine:
         self.image_ids = self.tokenizer.image_token_ids(self.mllm_cfg.n_gen_tokens)
         if self.tokenizer.vocab_size != parts.llama_config["vocab_size"]:
             raise loading.CheckpointError(
-                f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM embeds {parts.llama_config['vocab_size']}")
+                f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM embeds "
+                f"{parts.llama_config['vocab_size']}")
         rep = parts.report
         checks.check_memory(parts, self.device, self.dtype, offload)  # before anything is allocated
         self.mllm = _cast(loading.build_mllm(self.mllm_cfg, parts.llama_config, parts.mllm_state, rep), self.dtype)

@@ -280,7 +280,8 @@ def _assemble(tok_dir, constants, llama_config, unet_config, vae_config, schedul
                           n_gen_tokens=constants["n_gen_tokens"])
     llama_config = dict(llama_config, vocab_size=mllm_state["llm.model.embed_tokens.weight"].shape[0])
     if llama_config.get("hidden_size") != hidden:
-        raise CheckpointError(f"Llama config hidden_size {llama_config.get('hidden_size')} != projection width {hidden}")
+        raise CheckpointError(f"Llama config hidden_size {llama_config.get('hidden_size')} != projection width "
+                              f"{hidden}")
     if unet_config.get("cross_attention_dim") != feature_dim and unet_config.get("encoder_hid_dim") != feature_dim:
         raise CheckpointError(f"UNet cross_attention_dim {unet_config.get('cross_attention_dim')} does not match "
                               f"the image-feature width {feature_dim}")
@@ -441,7 +442,8 @@ def save_aligned_safetensors(tensors: dict, path: str, align: int = 64):
             chunks.append(bytes(pad))
             offset += pad
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     blob = json.dumps(header, separators=(",", ":")).encode()

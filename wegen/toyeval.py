@@ -35,8 +35,8 @@ from collections import Counter
 import numpy as np
 
 from . import chat, diic, rewrite
-from .rules import check_seed
 from . import toyworld as tw
+from .rules import check_seed
 
 BATCH = 16  # prompts / images per batched engine call
 REWRITES = 6  # rewrites per partial description

@@ -1,4 +1,4 @@
-"""The decoder honours the scheduler config's prediction_type as diffusers' Euler scheduler does.
+"""wegen/decoder.py: the scheduler config's prediction_type is honoured as diffusers' Euler scheduler does.
 
 epsilon (the release's) is untouched; "sample" and "v_prediction" (the toy checkpoint trains on "sample") are
 converted to the noise they imply, so every Euler update equals EulerDiscreteScheduler.step's; anything else is
