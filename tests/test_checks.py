@@ -120,8 +120,8 @@ def test_shape_mismatch_between_config_and_weights_names_file_and_tensor(ckpt_co
 
 
 @pytest.mark.parametrize("rel", [loading.FINAL_FILE, loading.EVA_FILE, loading.SIDECAR_FILE, f"{TOK}/tokenizer.model",
-                                 f"{TOK}/added_tokens.json", f"{loading.SDXL_DIR}/vae/diffusion_pytorch_model.safetensors",
-                                 LLAMA, loading.STAGE2_FILE])
+                                 f"{TOK}/added_tokens.json", LLAMA, loading.STAGE2_FILE,
+                                 f"{loading.SDXL_DIR}/vae/diffusion_pytorch_model.safetensors"])
 def test_a_folder_where_a_file_belongs_is_named(ckpt_copy, rel):
     path = os.path.join(ckpt_copy, rel)
     if os.path.exists(path):
@@ -204,7 +204,8 @@ def test_checkpoint_larger_than_the_ram_is_refused(tiny_ckpt, monkeypatch):
 
 
 @pytest.mark.parametrize("offload, free, size, refused", [("none", 2**20, 2**20, True), ("phase", 2**20, 2**20, True),
-                                                          ("none", 2**40, 2**40, False), ("spread", 2**10, 2**10, False),
+                                                          ("none", 2**40, 2**40, False),
+                                                          ("spread", 2**10, 2**10, False),
                                                           ("none", 2**10, 2**40, False)])
 def test_checkpoint_larger_than_the_gpu_is_refused(engine, monkeypatch, caplog, offload, free, size, refused):
     from wegen import checks

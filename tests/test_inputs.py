@@ -120,7 +120,8 @@ def test_decompression_bomb_is_one_line(tmp_path, monkeypatch, capsys, no_load, 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ValueError, match="too large to decode"):
         load_image(str(tmp_path / "bomb.png"))
-    code, _, err = run(capsys, "generate", "--checkpoint", tiny_ckpt, "--prompt", "x", "--image", str(tmp_path / "bomb.png"),
+    code, _, err = run(capsys, "generate", "--checkpoint", tiny_ckpt, "--prompt", "x",
+                       "--image", str(tmp_path / "bomb.png"),
                        "--out", str(tmp_path / "o.png"))
     one_line_exit_2(code, err, "too large to decode", "MAX_IMAGE_PIXELS")
 
@@ -177,7 +178,10 @@ def test_disk_full_at_the_final_write_is_one_line_and_leaves_nothing(capsys, tin
 
     def engine_then_full_disk(args):
         engine = engine_of(args)
-        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
         return engine
 
     monkeypatch.setattr(cli, "_engine", engine_then_full_disk)

@@ -61,7 +61,8 @@ def _ints(cfg: dict, key: str, where: str, lo: int, hi: int, n: int | None = Non
     if not items or (n is not None and isinstance(value, (list, tuple)) and len(items) != n) or any(
             isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi for v in items):
         count = f" ({n} of them, one per block)" if n else ""
-        raise CheckpointError(f"{where}: {key} must be an integer in {lo}..{hi} or a list of such{count}, got {value!r}")
+        raise CheckpointError(f"{where}: {key} must be an integer in {lo}..{hi} or a list of such{count}, "
+                              f"got {value!r}")
     return list(items) if isinstance(value, (list, tuple)) else [value] * (n or 1)
 
 
