@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wegen import cli
+from wegen import cli, sweep_files
 from wegen import sweep as sw
 from wegen.engine import WeGenEngine
 from wegen.images import load_image
@@ -321,7 +321,7 @@ def test_tampered_features_on_resume_are_refused(engine, swept, tmp_path, featur
 
     out = tmp_path / "copy"
     shutil.copytree(swept, out)
-    path = out / sw.FEATURES
+    path = out / sweep_files.FEATURES
     good = torch.zeros(2, 64, 112)
     if features == b"garbage":
         path.write_bytes(b"garbage")
@@ -331,7 +331,7 @@ def test_tampered_features_on_resume_are_refused(engine, swept, tmp_path, featur
         save_file({"other" if features == "key" else "features": bad}, str(path))
     with open(out / "sweep.json") as f:
         os.remove(out / json.load(f)["items"][1]["file"])  # one image to make again: the features are read back
-    with pytest.raises(ValueError, match=f"{sw.FEATURES}.*(damaged or was edited)"):
+    with pytest.raises(ValueError, match=f"{sweep_files.FEATURES}.*(damaged or was edited)"):
         sw.sweep(engine, ["a cat", "tree"], [5], sw.SweepSettings(steps=1, width=64, height=64), out_dir=str(out),
                  resume=True)
 
