@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fastpath
+from .finite import check_finite
 
 MAX_SIDE = 4096
 
@@ -96,6 +97,8 @@ def check_size(width: int, height: int):
 def check_decode_args(steps: int, guidance_scale: float, strength: float):
     if not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise ValueError(f"steps must be an integer in 1..1000, got {steps!r}")
+    check_finite(guidance_scale, "cfg (guidance_scale)")
+    check_finite(strength, "strength")
     if not guidance_scale >= 0:
         raise ValueError(f"cfg (guidance_scale) must be >= 0, got {guidance_scale!r}")
     if not 0.0 <= strength <= 1.0:

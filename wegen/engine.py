@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import decoder, fastpath, loading, mllm, prompting, vision
+from .finite import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def check_images(images, name: str = "images") -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"{name} must be a float tensor (B, H, W, 3) in 0..1, got {shape}")
-    return images
+    return check_finite(images, name)
 
 
 class WeGenEngine:
@@ -238,6 +239,9 @@ class WeGenEngine:
                 features.shape[1:] != (self.mllm_cfg.n_gen_tokens, self.mllm_cfg.feature_dim):
             raise ValueError(f"features must be (B, {self.mllm_cfg.n_gen_tokens}, {self.mllm_cfg.feature_dim}), got "
                              f"{tuple(getattr(features, 'shape', ()))}")
+        check_finite(features, "features (cond)")
+        if mask is not None:
+            check_finite(mask, "mask")
         width = width or self.decoder_cfg.default_size
         height = height or self.decoder_cfg.default_size
         if reference is not None:
@@ -324,6 +328,7 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _check_sampling(temperature, top_p, max_new_tokens):
+    check_finite(temperature, "temperature")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     if not 0 < top_p <= 1:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .finite import check_finite
 from .prompting import ImageTokenIds
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,7 @@ def decode(model: WeGenMLLM, rows_ids: list[list[int]], rows_features: list, ima
     # 1) check inputs
     if settings.feature_slice not in FEATURE_SLICES:
         raise ValueError(f"feature_slice must be one of {FEATURE_SLICES}, got {settings.feature_slice!r}")
+    check_finite(settings.var_cfg_scale, "var_cfg_scale")
     if settings.var_cfg_scale < 0:
         raise ValueError(f"var_cfg_scale must be >= 0, got {settings.var_cfg_scale}")
     param = next(model.parameters())
