@@ -247,7 +247,7 @@ def cmd_reconstruct(args):
     check_decode_args(args.steps, args.cfg, 1.0)
     if args.size:
         check_size(*args.size)
-    image = load_image(args.image)
+    image = _load_images([args.image], load_image)
     engine = _engine(args)
     width, height = _wh(args, engine)
     out = engine.reconstruct(image, seed=args.seed, steps=args.steps, cfg=args.cfg, width=width, height=height)

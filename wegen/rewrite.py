@@ -28,6 +28,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from .finite import check_finite
+
 log = logging.getLogger(__name__)
 
 # The editable instruction (an extension: the paper's own template is not published).
@@ -70,6 +72,7 @@ def check_rewrite_inputs(prompt, n, seed, temperature, top_p, max_new_tokens, ma
         raise ValueError(f"n (number of rewrites, K) must be an integer in 1..{MAX_N}, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+    check_finite(temperature, "temperature")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
