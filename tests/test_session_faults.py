@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import faults
+from faults import fast_fsync  # noqa: F401  (fixture)
 from wegen import chat, files, locking, sessions
 from wegen.cli import main
 
@@ -90,7 +91,7 @@ def _ops(engine):
 
 
 @pytest.mark.parametrize("op", ["turn", "reset+turn", "reset", "undo", "fork"])
-def test_fault_at_every_fs_call_leaves_old_or_new_state(stub_model, template, tmp_path, op):
+def test_fault_at_every_fs_call_leaves_old_or_new_state(stub_model, template, tmp_path, op, fast_fsync):
     run_op, name, old, new = _ops(stub_model)[op]
     allowed = {old, new}
     root = fresh(template, tmp_path)
@@ -213,8 +214,8 @@ def test_leftovers_of_killed_writers_are_removed_on_the_next_open(stub_model, te
 HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from wegen import sessions
-    with sessions.session_lock({sessions_root!r}, "fox"):
+    from wegen import locking  # the lock alone: no torch to import
+    with locking.folder_lock({folder!r}, "test holder"):
         print("held", flush=True)
         time.sleep(120)
 """)
@@ -223,7 +224,7 @@ HOLDER = textwrap.dedent("""
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
 def test_stopped_lock_holder_is_reported_after_a_bounded_wait(template, tmp_path, monkeypatch):
     root = fresh(template, tmp_path)
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=ROOT, sessions_root=root)],
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=ROOT, folder=os.path.join(root, "fox"))],
                             stdout=subprocess.PIPE, text=True)
     outcome = []
     try:
