@@ -5,8 +5,6 @@ while the block runs. Every call in FS_CALLS counts; call k fails:
   mode "interrupt": KeyboardInterrupt at call k only (clean-up handlers run, as after Ctrl+C);
   mode "kill": Killed at call k and at every later call (no handler can touch the disk: as after kill -9;
   the OS file lock goes with the process, as the `with` blocks release it here).
-`fast_fsync` (a fixture for the test modules) makes os.fsync a no-op: these tests simulate a process that dies,
-not a machine that loses power, and fsync is slow on a shared disk.
 `sweep(run, modules)` runs `run()` for k = 1, 2, ... in both modes until a run completes with no fault,
 calling `check(k, mode, faults)` after each faulted run; it returns the number of faulted runs.
 """
@@ -18,8 +16,6 @@ import os
 import shutil
 import tempfile
 import types
-
-import pytest
 
 FS_CALLS = {
     "os": ("replace", "rename", "fsync", "mkdir", "makedirs", "rmdir", "unlink", "remove", "open", "fdopen",
@@ -62,10 +58,6 @@ def _stand_in(module, names, faults: Faults):
 
 _MISSING = object()
 
-
-@pytest.fixture
-def fast_fsync(monkeypatch):
-    monkeypatch.setattr(os, "fsync", lambda fd: None)
 
 
 @contextlib.contextmanager

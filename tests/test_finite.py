@@ -102,7 +102,8 @@ def _chat_cases(value):
 def test_chat_turn_refuses_non_finite_inputs_and_saves_nothing(engine, one_turn, case, value):
     before = folder_state(os.path.join(one_turn, "s"))
     with pytest.raises(ValueError, match=rf"{case}.*(finite|in 0\.\.1|>= 0)"):
-        chat.chat_turn(engine, one_turn, "s", "again", seed=2, prefix_cache=None, **dict(FAST, **_chat_cases(value)[case]))
+        chat.chat_turn(engine, one_turn, "s", "again", seed=2, prefix_cache=None,
+                       **dict(FAST, **_chat_cases(value)[case]))
     assert folder_state(os.path.join(one_turn, "s")) == before
 
 

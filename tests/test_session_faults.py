@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import faults
-from faults import fast_fsync  # noqa: F401  (fixture)
 from wegen import chat, files, locking, sessions
 from wegen.cli import main
 

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import faults
-from faults import fast_fsync  # noqa: F401  (fixture)
 from wegen import files, images
 from wegen import sweep as sw
 

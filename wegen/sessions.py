@@ -3,10 +3,12 @@
 One folder per session (names checked by check_session_name):
   <root>/<name>/session.json      format, revision, next_id and the turns (text, settings, files)
   <root>/<name>/turns/<id>/       user_<i>.png, mask.png, image.png, features.json (base64 float32)
-  <root>/<name>/.lock             one turn at a time, across threads and processes
+  <root>/<name>/.lock             one change at a time, across threads and processes (wegen.locking)
 Each file is written to a temp file in its folder, fsynced and os.replace'd (files.write_atomic). A
-turn is computed in memory, staged in a hidden folder, renamed into place, and committed by replacing
-session.json last: a turn that fails or is interrupted leaves every existing file byte-identical.
+change (turn, reset, undo, fork) writes what its new state needs first (a turn: staged in a hidden
+folder, renamed into place) and commits once, by replacing session.json. Clean-up deletes only what
+the session.json on disk does not list, so an interrupt or a kill at any point leaves the old state or
+the new one; what a killed writer left is removed when the session is next opened under its lock.
 What a turn computes is in chat.py.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from . import prompting
 from .files import fsync_dir, write_atomic
 from .finite import check_finite
 from .images import encode_image
-from .locking import LOCK_FILE, folder_lock
+from .locking import folder_lock
 
 SESSION_FILE = "session.json"
 FORMAT = "wegen-chat-session"
@@ -55,9 +57,8 @@ def check_session_name(name) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name \
             or name.split(".")[0].lower() in _WINDOWS_RESERVED:
         raise SessionError(f"session name must be 1-64 characters of letters, digits, '_', '.', '-', start with a "
-                           f"letter or digit and contain no '..', spaces, newlines or other control characters (it names a "
-                           f"folder inside the sessions folder), "
-                           f"got {name!r}")
+                           f"letter or digit and contain no '..', spaces, newlines or other control characters "
+                           f"(it names a folder inside the sessions folder), got {name!r}")
     return name
 
 
