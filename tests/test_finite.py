@@ -10,7 +10,7 @@ import torch
 
 from wegen import chat, sessions
 from wegen.cli import main
-from wegen.finite import check_finite
+from wegen.rules import check_finite
 
 BAD = [float("nan"), float("inf"), float("-inf")]
 IDS = ["nan", "inf", "-inf"]
@@ -40,13 +40,13 @@ def _engine_cases(value):
     mask = torch.zeros(1, 64, 64)
     mask[:, 8:24, 8:24] = 1
     return {
-        "decode features": (lambda e: e.decode(poisoned((1, 64, 112), value), **FAST), "features"),
-        "decode reference": (lambda e: e.decode(feats, reference=poisoned((1, 64, 64, 3), value), strength=0.5,
+        "decode features": (lambda e: e.decode_pixels(poisoned((1, 64, 112), value), **FAST), "features"),
+        "decode reference": (lambda e: e.decode_pixels(feats, reference=poisoned((1, 64, 64, 3), value), strength=0.5,
                                                 **FAST), "reference"),
-        "decode mask": (lambda e: e.decode(feats, reference=ok_img, mask=mask + poisoned((1, 64, 64), value) * 0,
+        "decode mask": (lambda e: e.decode_pixels(feats, reference=ok_img, mask=mask + poisoned((1, 64, 64), value) * 0,
                                            strength=0.5, **FAST), "mask"),
-        "decode cfg": (lambda e: e.decode(feats, cfg=value, **FAST), "cfg"),
-        "decode strength": (lambda e: e.decode(feats, reference=ok_img, strength=value, **FAST), "strength"),
+        "decode cfg": (lambda e: e.decode_pixels(feats, cfg=value, **FAST), "cfg"),
+        "decode strength": (lambda e: e.decode_pixels(feats, reference=ok_img, strength=value, **FAST), "strength"),
         "generate cfg": (lambda e: e.generate("a fox", cfg=value, max_new_tokens=4, **FAST), "cfg"),
         "encode images": (lambda e: e.encode("a fox", poisoned((1, 32, 32, 3), value), max_new_tokens=4), "images"),
         "encode var_cfg_scale": (lambda e: e.encode("a fox", var_cfg_scale=value, max_new_tokens=4), "var_cfg_scale"),
@@ -111,7 +111,7 @@ def test_chat_turn_refuses_non_finite_inputs_and_saves_nothing(engine, one_turn,
 def test_chat_turn_with_non_finite_model_output_saves_nothing(engine, one_turn, monkeypatch, what):
     before = folder_state(os.path.join(one_turn, "s"))
     if what == "image":
-        monkeypatch.setattr(engine, "decode", lambda *a, **k: torch.full((1, 64, 64, 3), float("nan")))
+        monkeypatch.setattr(engine, "decode_pixels", lambda *a, **k: torch.full((1, 64, 64, 3), float("nan")))
     else:
         encode = chat._encode
 
@@ -119,7 +119,7 @@ def test_chat_turn_with_non_finite_model_output_saves_nothing(engine, one_turn, 
             features, reply, stats = encode(*a, **k)
             return features * float("nan"), reply, stats
         monkeypatch.setattr(chat, "_encode", nan_features)
-        monkeypatch.setattr(engine, "decode", lambda *a, **k: torch.zeros(1, 64, 64, 3))  # a clean picture anyway
+        monkeypatch.setattr(engine, "decode_pixels", lambda *a, **k: torch.zeros(1, 64, 64, 3))  # clean anyway
     with pytest.raises(ValueError, match=r"the model's image.*non-finite.*nothing was saved to chat session 's'"):
         chat.chat_turn(engine, one_turn, "s", "again", seed=2, prefix_cache=None, **FAST)
     assert folder_state(os.path.join(one_turn, "s")) == before
@@ -148,16 +148,16 @@ def test_stored_features_with_nan_are_refused(one_turn, tmp_path):
 
 @pytest.fixture
 def model(comfy_host):
-    from nodes.loader import WeGenLoader
+    from ComfyUI_WeGen.nodes.loader import WeGenLoader
 
     return WeGenLoader().load("tiny", "fp32", "cpu")[0]
 
 
 def _node_cases(value, cond):
-    from nodes import chat as chat_nodes
-    from nodes.decode import WeGenConsistencyDecode, WeGenReconstruct
-    from nodes.encode import WeGenMLLMEncode
-    from nodes.understand import WeGenUnderstand
+    from ComfyUI_WeGen.nodes import chat as chat_nodes
+    from ComfyUI_WeGen.nodes.decode import WeGenConsistencyDecode, WeGenReconstruct
+    from ComfyUI_WeGen.nodes.encode import WeGenMLLMEncode
+    from ComfyUI_WeGen.nodes.understand import WeGenUnderstand
 
     img = poisoned((1, 64, 64, 3), value)
     ok = torch.rand(1, 64, 64, 3)
@@ -201,14 +201,14 @@ def _node_cases(value, cond):
 
 
 @pytest.fixture(scope="module")
-def cond(engine):
-    return engine.encode("a red fox", max_new_tokens=4)
+def cond(pack_engine):
+    return pack_engine.encode("a red fox", max_new_tokens=4)
 
 
 @pytest.mark.parametrize("value", BAD, ids=IDS)
 @pytest.mark.parametrize("case", list(_node_cases(0.0, None)))
 def test_nodes_refuse_non_finite_inputs(model, cond, comfy_host, case, value):
-    from nodes import chat as chat_nodes
+    from ComfyUI_WeGen.nodes import chat as chat_nodes
 
     run, name = _node_cases(value, cond)[case]
     with pytest.raises(ValueError, match=rf"{name}.*(finite|in 0\.\.1|>= 0)"):

@@ -12,10 +12,10 @@ import sys
 import textwrap
 import threading
 
+import faults
 import pytest
 import torch
 
-import faults
 from wegen import chat, files, locking, sessions
 from wegen.cli import main
 
@@ -39,7 +39,7 @@ def stub_model(engine, monkeypatch):
     g = torch.Generator().manual_seed(0)
     features, image = torch.randn(1, 64, 112, generator=g), torch.rand(1, 64, 64, 3, generator=g)
     monkeypatch.setattr(chat, "_encode", lambda *a, **k: (features, "", {"prompt_tokens": 1, "reused_tokens": 0}))
-    monkeypatch.setattr(engine, "decode", lambda *a, **k: image.clone())
+    monkeypatch.setattr(engine, "decode_pixels", lambda *a, **k: image.clone())
     return engine
 
 
@@ -166,7 +166,7 @@ def test_cli_reset_with_a_failing_turn_keeps_the_session(stub_model, template, t
     extra = [str(tmp_path / f"m{e[-2:]}.png") if e.startswith("MASK") else e for e in extra]
     monkeypatch.setattr(WeGenEngine, "load", classmethod(lambda cls, *a, **k: stub_model))
     if code == 130:
-        monkeypatch.setattr(stub_model, "decode", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        monkeypatch.setattr(stub_model, "decode_pixels", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     before = sessions.load_session(root, "fox")
     rc = main(["chat", "--checkpoint", tiny_ckpt, "--session", "fox", "--sessions-dir", root, "--steps", "1",
                "--size", "64", "--reset", "again", "--out", str(tmp_path / "o.png"), *extra])

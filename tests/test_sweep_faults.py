@@ -4,13 +4,13 @@ The executor is a stand-in (deterministic features and pictures, no model): the 
 import os
 import shutil
 
+import faults
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import faults
-from wegen import files, images
+from wegen import files, images, sweep_files
 from wegen import sweep as sw
 
 PROMPTS = ["a cat", "a tree"]
@@ -61,7 +61,7 @@ def test_sweep_fault_at_every_fs_call_resumes_to_the_same_pictures(info, tmp_pat
         where = f"{mode} at fs call {k} ({f.failed})"
         started = os.path.isfile(os.path.join(out, sw.MANIFEST))
         if started:
-            assert sw.load_manifest(out)["format"] == sw.FORMAT, where  # what was left loads
+            assert sw.load_manifest(out)["format"] == sweep_files.FORMAT, where  # what was left loads
         resumed = sw.run_sweep(FakeExecutor(info), PROMPTS, SEEDS, SETTINGS, out_dir=out, resume=started)
         assert torch.equal(_u8(resumed.images), _u8(ref.images)), where  # finished batches come back from PNG
         assert sw.load_manifest(out)["status"] == "done", where
@@ -69,6 +69,6 @@ def test_sweep_fault_at_every_fs_call_resumes_to_the_same_pictures(info, tmp_pat
         assert got.keys() == expected.keys() and all(np.array_equal(got[n], expected[n]) for n in got), where
         shutil.rmtree(out)
 
-    tried = faults.sweep(run, (sw, files, images), check)
+    tried = faults.sweep(run, (sw, sweep_files, files, images), check)
     print(f"\nfault injection, sweep: {tried} faulted runs (interrupt + kill), each resumed to the same pictures")
     assert tried >= 20

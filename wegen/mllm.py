@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .finite import check_finite
 from .prompting import ImageTokenIds
+from .rules import FEATURE_SLICES, check_finite
 
 log = logging.getLogger(__name__)
-
-FEATURE_SLICES = ("official", "aligned")
 
 
 @dataclass(frozen=True)
@@ -360,7 +358,8 @@ def _next_embeddings(model, rows: list[_Row], h, image_ids, settings, eos_id, ge
             row.n_text += 1
         row.result.ids.append(token)
         row.prev = token
-        if token == eos_id or (forced[b] is None and token != image_ids.start and row.n_text >= settings.max_new_tokens):
+        if token == eos_id or (forced[b] is None and token != image_ids.start and
+                               row.n_text >= settings.max_new_tokens):
             row.done = True
         if token == image_ids.end and settings.stop_after_image:
             row.done = True

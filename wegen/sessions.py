@@ -29,9 +29,9 @@ import torch
 
 from . import prompting
 from .files import fsync_dir, write_atomic
-from .finite import check_finite
 from .images import encode_image
 from .locking import folder_lock
+from .rules import check_finite
 
 SESSION_FILE = "session.json"
 FORMAT = "wegen-chat-session"
