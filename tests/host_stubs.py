@@ -3,7 +3,7 @@ ComfyUI host for node tests.
 
 The pack: ComfyUI imports a custom node folder as a package from its __init__.py, under a name of its own
 (`spec_from_file_location(name, <folder>/__init__.py)`, submodules searched in the folder); so does this plugin,
-under PACK_NAME (the pack's folder name ComfyUI-WeGen as a module name). Node tests import the nodes from it
+under demo.PACK_NAME (ComfyUI_WeGen). Node tests import the nodes from it
 (`from ComfyUI_WeGen.nodes import host`), never a top-level `nodes`, so the nodes' relative imports reach the
 pack's own engine copy (`ComfyUI_WeGen.wegen`); engine tests keep `import wegen`. Objects of the two copies are
 not interchangeable: node tests get their engine from the `pack_engine` fixture (the nodes' loader caches it).
@@ -16,7 +16,6 @@ comfy.patcher_extension, server.PromptServer, latent_preview. They mirror the pa
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import types
@@ -25,23 +24,10 @@ from dataclasses import dataclass, field
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK_NAME = "ComfyUI_WeGen"
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-
-def load_pack(name: str = PACK_NAME):
-    """The pack as ComfyUI imports it: ROOT/__init__.py as package `name`, registered in sys.modules."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[name] = pack
-    try:
-        spec.loader.exec_module(pack)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return pack
+from demo import load_pack  # noqa: E402  (the pack as ComfyUI imports it: one loader for demo and tests)
 
 
 def pytest_configure(config):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import decoder, fastpath, loading, mllm, prompting, rules, vision
+from . import checks, decoder, fastpath, loading, mllm, prompting, rules, vision
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,10 @@ class WeGenEngine:
     def __init__(self, parts: loading.LoadedParts, device="cpu", dtype="auto", offload="none"):
         if offload not in OFFLOAD_POLICIES:
             raise ValueError(f"offload must be one of {OFFLOAD_POLICIES}, got {offload!r}")
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}") from e
         if offload == "spread" and self.device.type != "cuda":
             raise ValueError(f"offload='spread' spreads the LLM over CUDA GPUs; device is {device!r}")
         self.dtype = resolve_dtype(dtype, self.device)
@@ -106,6 +109,7 @@ class WeGenEngine:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM embeds "
                 f"{parts.llama_config['vocab_size']}")
         rep = parts.report
+        checks.check_memory(parts, self.device, self.dtype, offload)  # before anything is allocated
         self.mllm = _cast(loading.build_mllm(self.mllm_cfg, parts.llama_config, parts.mllm_state, rep), self.dtype)
         self.unet = _cast(loading.build_unet(parts.unet_config, parts.unet_state, rep), self.dtype)
         vae_dtype = torch.float32 if (self.decoder_cfg.force_upcast and self.dtype == torch.float16) else self.dtype
