@@ -201,6 +201,9 @@ def load_session(root: str, name: str) -> ChatSession:
     path = os.path.join(folder, SESSION_FILE)
     if not os.path.exists(path):
         return ChatSession(root=os.path.abspath(root), name=name)
+    if os.path.isdir(path):
+        raise CorruptSessionError(f"chat session file {path} is a folder; it must be a file: move the folder "
+                                  f"{folder} away to start over, or use another session name")
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
@@ -363,9 +366,10 @@ def _check_fork(src: ChatSession, dst: ChatSession, k):
         raise SessionError(f"session {dst.name!r} already exists; fork into a new name")
 
 
-def commit_turn(session: ChatSession, record: TurnRecord, files: dict, reset: bool = False) -> ChatSession:
-    """Write a turn's files (staged, renamed into place), then session.json with the turn appended (reset:
-    with the turn alone). Call under session_lock with the snapshot open_session read under that lock."""
+def commit_turn(session: ChatSession, record: TurnRecord, files: dict, follows: tuple | None = None) -> ChatSession:
+    """Write a turn's files (staged, renamed into place), then session.json with the turn appended to `follows`
+    (default: the session's turns; () after a reset, all but the last after an undo). Call under session_lock
+    with the snapshot open_session read under that lock."""
     turns_dir = os.path.join(session.folder, "turns")
     tid = max(session.next_id, record.id)
     while os.path.exists(os.path.join(turns_dir, f"{tid:06d}")):  # a folder that could not be removed
@@ -383,7 +387,7 @@ def commit_turn(session: ChatSession, record: TurnRecord, files: dict, reset: bo
     except BaseException:
         _after_failure(session)
         raise
-    turns = () if reset else session.turns
+    turns = session.turns if follows is None else tuple(follows)
     return _commit(session, replace(session, turns=turns + (record,), next_id=tid + 1))
 
 
