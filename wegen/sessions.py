@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import prompting
-from .files import fsync_dir, write_atomic
+from .files import fsync_dir, remove_temp_files, write_atomic
 from .images import encode_image
 from .locking import folder_lock
 from .rules import check_finite
@@ -277,10 +277,7 @@ def _remove_leftovers(root: str, name: str, keep=()):
         return
     folder = session_folder(root, name)
     turns_dir = os.path.join(folder, "turns")
-    for entry in os.listdir(folder):
-        if entry.startswith(".tmp-"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, entry))
+    remove_temp_files(folder)
     for entry in os.listdir(turns_dir) if os.path.isdir(turns_dir) else ():
         if entry.startswith(".stage-") or (re.fullmatch(r"\d{6}", entry) and int(entry) not in listed):
             shutil.rmtree(os.path.join(turns_dir, entry), ignore_errors=True)
