@@ -202,8 +202,8 @@ def load_session(root: str, name: str) -> ChatSession:
     if not os.path.exists(path):
         return ChatSession(root=os.path.abspath(root), name=name)
     if os.path.isdir(path):
-        raise CorruptSessionError(f"chat session file {path} is a folder; it must be a file: move the folder "
-                                  f"{folder} away to start over, or use another session name")
+        raise CorruptSessionError(f"chat session file {path} is a folder; it must be a file: move that folder "
+                                  f"away, or use another session name")
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
