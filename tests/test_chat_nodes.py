@@ -12,6 +12,7 @@ from ComfyUI_WeGen.nodes import NODE_CLASS_MAPPINGS, host
 from ComfyUI_WeGen.nodes import chat as chat_nodes
 from ComfyUI_WeGen.nodes.loader import WeGenLoader
 from ComfyUI_WeGen.wegen import decoder, sessions
+from faults import folder_state
 
 from host_stubs import InterruptProcessingException
 
@@ -23,17 +24,6 @@ def engine(pack_engine):
     """The nodes' copy of the engine (ComfyUI_WeGen.wegen): the one their loader caches."""
     return pack_engine
 
-
-def folder_state(path) -> dict:
-    """{relative path: sha256} of every file under path (hidden files included)."""
-    import hashlib
-
-    state = {}
-    for dirpath, _, filenames in os.walk(path):
-        for f in filenames:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                state[os.path.relpath(os.path.join(dirpath, f), path)] = hashlib.sha256(fh.read()).hexdigest()
-    return state
 
 
 @pytest.fixture
