@@ -7,6 +7,7 @@ the CPU (ComfyUI's IMAGE layout). Engines are cached per (checkpoint, dtype, dev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -25,6 +26,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 # visible GPU with accelerate's device_map, the rest on `device`. phase and spread are extensions.
 OFFLOAD_POLICIES = ("none", "idle", "phase", "spread")
 RESIDENT_POLICIES = ("none", "spread")  # modules are placed once, at load
+# comfyui (default): CPU fp32 noise (a seed gives the same picture on every GPU), bf16 where supported, text-only
+# token budget, bicubic input resize. release: the release's choices (README "Official behaviour and extensions").
+PRESETS = ("comfyui", "release")
 _ENGINES: dict = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -42,8 +46,10 @@ class WeGenCondition:
         return self.features.shape[0]
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, preset: str = "comfyui") -> torch.dtype:
     if dtype == "auto":
+        if device.type == "cuda" and preset == "release":
+            return torch.float16  # the release runs fp16 (its CPU path does not exist: fp32 there)
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
@@ -73,13 +79,16 @@ def check_images(images, name: str = "images") -> torch.Tensor:
 
 
 class WeGenEngine:
-    def __init__(self, parts: loading.LoadedParts, device="cpu", dtype="auto", offload="none"):
+    def __init__(self, parts: loading.LoadedParts, device="cpu", dtype="auto", offload="none", preset="comfyui"):
         if offload not in OFFLOAD_POLICIES:
             raise ValueError(f"offload must be one of {OFFLOAD_POLICIES}, got {offload!r}")
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         self.device = torch.device(device)
         if offload == "spread" and self.device.type != "cuda":
             raise ValueError(f"offload='spread' spreads the LLM over CUDA GPUs; device is {device!r}")
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.preset = preset
+        self.dtype = resolve_dtype(dtype, self.device, preset)
         self.offload = offload
         self.parts = parts
         self.report = parts.report
@@ -95,7 +104,8 @@ class WeGenEngine:
         rep = parts.report
         self.mllm = _cast(loading.build_mllm(self.mllm_cfg, parts.llama_config, parts.mllm_state, rep), self.dtype)
         self.unet = _cast(loading.build_unet(parts.unet_config, parts.unet_state, rep), self.dtype)
-        vae_dtype = torch.float32 if (self.decoder_cfg.force_upcast and self.dtype == torch.float16) else self.dtype
+        upcast = self.decoder_cfg.force_upcast and (self.dtype == torch.float16 or preset == "release")
+        vae_dtype = torch.float32 if upcast else self.dtype  # release: the VAE decodes in fp32
         self.vae = _cast(loading.build_vae(parts.vae_config, parts.vae_state, rep), vae_dtype)
         self.scheduler = loading.build_scheduler(parts.scheduler_config)
         self._eva = None  # built on first use: only image inputs need it
@@ -117,13 +127,15 @@ class WeGenEngine:
     # Loading -------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, checkpoint: str, dtype: str = "auto", device: str = "cpu", offload: str = "none") -> "WeGenEngine":
-        """Cached per (checkpoint path, dtype, device, offload): loading twice returns the same object."""
+    def load(cls, checkpoint: str, dtype: str = "auto", device: str = "cpu", offload: str = "none",
+             preset: str = "comfyui") -> "WeGenEngine":
+        """Cached per (checkpoint path, dtype, device, offload, preset): loading twice returns the same object."""
         layout, root = loading.resolve_checkpoint(checkpoint)
-        key = (os.path.realpath(root), dtype, str(device), offload)
+        key = (os.path.realpath(root), dtype, str(device), offload, preset)
         with _ENGINES_LOCK:
             if key not in _ENGINES:
-                _ENGINES[key] = cls(loading.load_parts(root), device=device, dtype=dtype, offload=offload)
+                _ENGINES[key] = cls(loading.load_parts(root), device=device, dtype=dtype, offload=offload,
+                                    preset=preset)
             return _ENGINES[key]
 
     @property
@@ -184,7 +196,8 @@ class WeGenEngine:
         """(N, H, W, 3) 0..1 -> pooled EVA features (N, 64, C) float32 on the CPU."""
         check_images(images)
         with self.lock, torch.inference_mode(), self._using(self.eva):
-            return vision.encode_images(self.eva, images, self.device, self.dtype).float().cpu()
+            resize = "bilinear" if self.preset == "release" else "bicubic"
+            return vision.encode_images(self.eva, images, self.device, self.dtype, resize).float().cpu()
 
     def encode(self, prompt, images: torch.Tensor | None = None, *, seed=0, temperature: float = 0.0,
                top_p: float = 1.0, max_new_tokens: int = 512, var_cfg_scale: float = 1.0,
@@ -197,7 +210,8 @@ class WeGenEngine:
             images: (N, H, W, 3) reference images, inserted as image blocks before the instruction.
             seed: sampling seed (int: row b uses seed + b; or one per prompt). Ignored at temperature 0.
             temperature, top_p: text sampling; 0 is the release's greedy decoding.
-            max_new_tokens: text-token budget before the image (release: 512).
+            max_new_tokens: token budget (release: 512); counts text tokens only, or every generated token
+                under preset="release" (as the release counts).
             var_cfg_scale: the release's var-cfg on the image-slot hidden states (1.0 = off).
             feature_slice: "official" (release) or "aligned" (extension, see mllm).
             force_image: append <img> so every row yields an image (extension).
@@ -247,7 +261,7 @@ class WeGenEngine:
             return decoder.generate(self.unet, self.vae, self.scheduler, self.decoder_cfg, features, seeds,
                                     steps=steps, guidance_scale=cfg, width=width, height=height,
                                     reference=reference, mask=mask, strength=strength, feather=feather,
-                                    callback=callback)
+                                    callback=callback, noise="device" if self.preset == "release" else "cpu")
 
     def generate(self, prompt, images=None, *, seed=0, steps: int = 50, cfg: float = 2.0, width=None, height=None,
                  callback=None, **encode_kwargs):
@@ -295,6 +309,8 @@ class WeGenEngine:
     def _decode(self, rows_ids, rows_features, settings, seeds, callback, prefix=None, keep_prompt_cache=False):
         """mllm.decode under the lock with the MLLM on the device; prefix/keep_prompt_cache: see mllm.decode (B=1)."""
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        if self.preset == "release":  # the release's max_new_tokens counts every generated token
+            settings = dataclasses.replace(settings, count_all_tokens=True)
         with self.lock, torch.inference_mode(), self._using(self.mllm):
             return mllm.decode(self.mllm, rows_ids, rows_features, self.image_ids, settings, self.tokenizer.eos_id,
                                generators, callback, prefix=prefix, keep_prompt_cache=keep_prompt_cache)
