@@ -15,17 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import decoder, fastpath, loading, mllm, prompting, vision
+from . import decoder, fastpath, loading, memory, mllm, prompting, vision
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 # none: everything on the device. idle: each stage's modules go back to the CPU after it runs.
 # phase: only the running stage's modules stay on the device (the others move to the CPU when it
-# starts), so a turn needs max(LLM, UNet + VAE) of GPU memory. spread: the LLM is spread over every
-# visible GPU with accelerate's device_map, the rest on `device`. phase and spread are extensions.
-OFFLOAD_POLICIES = ("none", "idle", "phase", "spread")
-RESIDENT_POLICIES = ("none", "spread")  # modules are placed once, at load
+# starts), so a turn needs max(LLM, UNet + VAE) of GPU memory. sequential: the LLM's layers, EVA's and the UNet's
+# blocks stream from CPU memory one at a time (wegen.memory). spread: the LLM is spread over every visible GPU
+# with accelerate's device_map, the rest on `device`. phase, sequential and spread are extensions.
+OFFLOAD_POLICIES = ("none", "idle", "phase", "sequential", "spread")
+RESIDENT_POLICIES = ("none", "sequential", "spread")  # modules are placed once, at load
 # comfyui (default): CPU fp32 noise (a seed gives the same picture on every GPU), bf16 where supported, text-only
 # token budget, bicubic input resize. release: the release's choices (README "Official behaviour and extensions").
 PRESETS = ("comfyui", "release")
@@ -79,7 +80,10 @@ def check_images(images, name: str = "images") -> torch.Tensor:
 
 
 class WeGenEngine:
-    def __init__(self, parts: loading.LoadedParts, device="cpu", dtype="auto", offload="none", preset="comfyui"):
+    def __init__(self, parts: loading.LoadedParts, device="cpu", dtype="auto", offload="none", preset="comfyui",
+                 weight_dtype="default"):
+        self.weight_storage = memory.check_weight_dtype(weight_dtype)  # None: the compute dtype
+        self.weight_dtype = weight_dtype
         if offload not in OFFLOAD_POLICIES:
             raise ValueError(f"offload must be one of {OFFLOAD_POLICIES}, got {offload!r}")
         if preset not in PRESETS:
@@ -104,6 +108,8 @@ class WeGenEngine:
         rep = parts.report
         self.mllm = _cast(loading.build_mllm(self.mllm_cfg, parts.llama_config, parts.mllm_state, rep), self.dtype)
         self.unet = _cast(loading.build_unet(parts.unet_config, parts.unet_state, rep), self.dtype)
+        memory.store_fp8(self.mllm, self.weight_storage)
+        memory.store_fp8(self.unet, self.weight_storage)
         upcast = self.decoder_cfg.force_upcast and (self.dtype == torch.float16 or preset == "release")
         vae_dtype = torch.float32 if upcast else self.dtype  # release: the VAE decodes in fp32
         self.vae = _cast(loading.build_vae(parts.vae_config, parts.vae_state, rep), vae_dtype)
@@ -111,16 +117,18 @@ class WeGenEngine:
         self._eva = None  # built on first use: only image inputs need it
         self.lock = threading.RLock()
         fastpath.prepare_decoder_modules(self.unet, self.vae, self.device)
-        for m in (self.mllm, self.unet, self.vae):
+        for name, m in (("mllm", self.mllm), ("unet", self.unet), ("vae", self.vae)):
             m.eval().requires_grad_(False)
             if offload == "spread" and m is self.mllm:
                 self.mllm = fastpath.spread_module(m)
+            elif offload == "sequential":
+                memory.stream(m, memory.stream_units(name, m), self.device)
             elif offload in RESIDENT_POLICIES and not _all_on(m, self.device):
                 m.to(self.device)
         parts.mllm_state = parts.unet_state = parts.vae_state = None
-        log.info("WeGen loaded %s (%s layout): %s on %s, offload=%s, attention=sdpa; ignored %d keys, "
-                 "unexpected %d", rep.root, rep.layout, str(self.dtype).replace("torch.", ""), self.device,
-                 offload, len(rep.ignored), len(rep.unexpected))
+        log.info("WeGen loaded %s (%s layout): %s on %s, offload=%s, weights %s, preset %s, attention=sdpa; "
+                 "ignored %d keys, unexpected %d", rep.root, rep.layout, str(self.dtype).replace("torch.", ""),
+                 self.device, offload, weight_dtype, preset, len(rep.ignored), len(rep.unexpected))
         if rep.unexpected:
             log.warning("unexpected checkpoint keys (not loaded): %s", ", ".join(rep.unexpected[:20]))
 
@@ -128,22 +136,26 @@ class WeGenEngine:
 
     @classmethod
     def load(cls, checkpoint: str, dtype: str = "auto", device: str = "cpu", offload: str = "none",
-             preset: str = "comfyui") -> "WeGenEngine":
-        """Cached per (checkpoint path, dtype, device, offload, preset): loading twice returns the same object."""
+             preset: str = "comfyui", weight_dtype: str = "default") -> "WeGenEngine":
+        """Cached per (checkpoint path, dtype, device, offload, preset, weight_dtype): loading twice returns the
+        same object."""
         layout, root = loading.resolve_checkpoint(checkpoint)
-        key = (os.path.realpath(root), dtype, str(device), offload, preset)
+        key = (os.path.realpath(root), dtype, str(device), offload, preset, weight_dtype)
         with _ENGINES_LOCK:
             if key not in _ENGINES:
                 _ENGINES[key] = cls(loading.load_parts(root), device=device, dtype=dtype, offload=offload,
-                                    preset=preset)
+                                    preset=preset, weight_dtype=weight_dtype)
             return _ENGINES[key]
 
     @property
     def eva(self) -> vision.VisionTransformer:
         if self._eva is None:
             eva = loading.build_eva(self.eva_cfg, self.parts.eva_state, self.report).to(self.dtype)
+            memory.store_fp8(eva, self.weight_storage)
             self._eva = eva.eval().requires_grad_(False)
-            if self.offload in RESIDENT_POLICIES:
+            if self.offload == "sequential":
+                memory.stream(self._eva, memory.stream_units("eva", self._eva), self.device)
+            elif self.offload in RESIDENT_POLICIES:
                 self._eva.to(self.device)
             self.parts.eva_state = None
         return self._eva
@@ -177,9 +189,10 @@ class WeGenEngine:
 
     def set_offload(self, offload: str):
         """Switch a loaded engine between 'none', 'idle' and 'phase' (modules move now; the bench uses it)."""
-        allowed = tuple(p for p in OFFLOAD_POLICIES if p != "spread")
-        if offload not in allowed or self.offload == "spread":
-            raise ValueError(f"set_offload switches between {allowed} (a spread engine stays spread), got {offload!r} "
+        allowed = ("none", "idle", "phase")
+        if offload not in allowed or self.offload in ("spread", "sequential"):
+            raise ValueError(f"set_offload switches between {allowed} (a spread or sequential engine stays as it "
+                             f"was loaded), got {offload!r} "
                              f"on an engine loaded with offload={self.offload!r}")
         with self.lock:
             self.offload = offload
