@@ -132,3 +132,44 @@ def test_device_bytes_at_official_dimensions(table):
     fp8 = table.official_modules(torch.bfloat16, "fp8_e4m3fn", torch.bfloat16)
     weights, peak = table.peak_bytes(fp8, "phase", act)
     assert weights < 0.52 * llm and peak < 8e9  # the 8 GB target: fp8 + phase
+
+
+# Loader node and CLI -----------------------------------------------------------------------------------------
+
+def test_loader_appends_preset_offload_weight_dtype(comfy_host):
+    from nodes import host
+    from nodes.loader import WeGenLoader
+
+    spec = WeGenLoader.INPUT_TYPES()
+    assert list(spec["required"]) == ["checkpoint", "dtype", "device"]  # saved workflows are positional
+    assert list(spec["optional"]) == ["preset", "offload", "weight_dtype"]
+    assert [spec["optional"][k][1]["default"] for k in spec["optional"]] == ["comfyui", "auto", "default"]
+    model = WeGenLoader().load("tiny", "fp32", "cpu", "release", "sequential", "fp8_e5m2")[0]
+    e = host.load_engine(model)
+    assert (e.preset, e.offload, e.weight_dtype, str(e.device)) == ("release", "none", "fp8_e5m2", "cpu")
+    with pytest.raises(ValueError, match="offload must be one of"):
+        WeGenLoader().load("tiny", "fp32", "cpu", offload="streaming")
+    gpu = type("Host", (), {"mm": type("MM", (), {"get_torch_device": staticmethod(lambda: "cuda:0")}),
+                            "model_patcher": object()})()
+    assert host.placement("gpu", gpu, "phase") == ("cuda:0", "phase", False)
+    assert host.placement("offload when idle", gpu, "sequential") == ("cuda:0", "sequential", False)
+    assert host.placement("gpu", gpu, "auto") == ("cuda:0", "none", True)
+    assert host.placement("cpu", gpu, "phase") == ("cpu", "none", False)
+
+
+def test_cli_memory_and_preset_flags(tiny_ckpt, tmp_path, capsys):
+    from wegen import cli
+
+    out = str(tmp_path / "a.png")
+    args = ["generate", "--checkpoint", tiny_ckpt, "--device", "cpu", "--dtype", "fp32", "--prompt", PROMPT,
+            "--steps", "2", "--size", "64", "--out", out]
+    assert cli.main(args + ["--preset", "release", "--offload", "sequential", "--weight-dtype", "fp8_e4m3fn"]) == 0
+    e = WeGenEngine.load(tiny_ckpt, dtype="fp32", device="cpu", offload="sequential", preset="release",
+                         weight_dtype="fp8_e4m3fn")
+    assert memory.is_streamed(e.mllm) and os.path.isfile(out)
+    dst = str(tmp_path / "fp8")
+    assert cli.main(["convert", tiny_ckpt, dst, "--weight-dtype", "fp8_e5m2"]) == 0
+    assert cli.main(args + ["--offload", "phase"]) == 0
+    capsys.readouterr()
+    assert cli.main(args + ["--offload", "nvme"]) == 2
+    assert "invalid choice: 'nvme'" in capsys.readouterr().err
