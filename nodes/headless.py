@@ -237,7 +237,13 @@ def ui_to_api(workflow: dict, mappings: dict | None = None) -> dict:
 def _widget_values(cls, values: list, where: str) -> dict:
     names = widgets(cls)
     expected = len(names) + sum(control for _, control in names) + len(getattr(cls, "FRONTEND_WIDGETS", ()))
-    if len(values) != expected:
+    appended = set(getattr(cls, "APPENDED_WIDGETS", ()))  # added later at the end of "optional": a workflow
+    tail = 0  # saved before has no value for them
+    while tail < len(names) and names[-1 - tail][0] in appended and not names[-1 - tail][1]:
+        tail += 1
+    if not getattr(cls, "FRONTEND_WIDGETS", ()) and expected - tail <= len(values) < expected:
+        names = names[:len(values)]  # as the frontend does: the missing trailing widgets keep their defaults
+    elif len(values) != expected:
         raise ValueError(f"{where}: widgets_values has {len(values)} values but the node has {expected} widget "
                          f"slots ({', '.join(n + (' + control' if c else '') for n, c in names)})")
     inputs, k = {}, 0

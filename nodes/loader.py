@@ -27,6 +27,7 @@ class WeGenLoader:
     OUTPUT_TOOLTIPS = ("The loaded WeGen model, for the MLLM Encode, Consistency Decode, Understand and "
                        "Reconstruct nodes.",)
     FUNCTION = "load"
+    APPENDED_WIDGETS = ("preset", "offload", "weight_dtype")  # workflows saved before them lack their values
 
     @classmethod
     def INPUT_TYPES(cls):
