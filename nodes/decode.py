@@ -9,7 +9,9 @@ EDIT_THRESHOLD = 0.5  # mask values above this are edited (the engine's rule)
 
 def _seed_input(default: int):
     return ("INT", {"default": default, "min": 0, "max": convert.MAX_SEED, "control_after_generate": True,
-                    "tooltip": "Noise seed (release: 42). Image b of a batch uses seed + b; same seed, same image."})
+                    "tooltip": "Noise seed (release: 42). Image b of a batch uses seed + b; same seed, same image. "
+                               "Noise comes from a CPU generator (the same picture on every GPU), or from the GPU's "
+                               "own generator in the model dtype under the Loader's preset 'release'."})
 
 
 def _size_inputs() -> dict:

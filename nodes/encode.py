@@ -34,7 +34,10 @@ class WeGenMLLMEncode:
                 "top_p": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                     "tooltip": "Nucleus sampling when temperature > 0 (extension)."}),
                 "max_new_tokens": ("INT", {"default": 512, "min": 1, "max": 4096,
-                                           "tooltip": "Text-token budget before the image block (release: 512)."}),
+                                           "tooltip": "Token budget (release: 512). Counts text tokens only (default "
+                                                      "preset), or every generated token, the 66-token image block "
+                                                      "included, under the Loader's preset 'release' (as the release "
+                                                      "counts)."}),
                 "var_cfg_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
                                             "tooltip": "The release's guidance on the image-slot hidden states; "
                                                        "1.0 = off (release default)."}),

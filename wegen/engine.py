@@ -2,7 +2,8 @@
 
 prompt + images -> tokens (prompting) -> EVA features (vision) -> VAR decode (mllm) -> 64 features
 -> UNet + VAE (decoder) -> pixels. Images in and out are float32 tensors (B, H, W, 3) in 0..1 on
-the CPU (ComfyUI's IMAGE layout). Engines are cached per (checkpoint, dtype, device, offload).
+the CPU (ComfyUI's IMAGE layout). Engines are cached per (checkpoint, dtype, device, offload, preset,
+weight_dtype). preset="release" takes the release's numerics (see PRESETS); wegen.memory has the memory modes.
 """
 from __future__ import annotations
 
