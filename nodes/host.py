@@ -272,7 +272,7 @@ def stage(model: WeGenModel, engine, *names: str):
         host.mm.throw_exception_if_processing_interrupted()
         if managed:
             host.mm.load_models_gpu([patcher(engine, n, host) for n in names], force_full_load=True)
-        elif offload != "none":
+        elif offload in ("idle", "phase"):  # sequential holds one block at a time: nothing to make room for
             import torch
 
             need = sum(host.mm.module_size(getattr(engine, n)) for n in names)
