@@ -46,13 +46,13 @@ def fig_decode(b):
     e, ids = b.engine, b.ids
 
     def ours():
-        return e._decode([ids], [None], mllm.DecodeSettings(), [0], None)[0].features.float().cpu()
+        return e.generate_tokens([ids], [None], mllm.DecodeSettings(), [0], None)[0].features.float().cpu()
 
     row = b.figure(FIGURES[0], lambda: stock.decode_image_tokens(b.sm, ids), ours,
                    note=f"{len(ids)}-token prompt + 65 image steps")
     b.annotate(row, f"ours: {fastpath.describe(e.mllm)['decode']}")
     with fastpath.settings(enabled=False):
-        plain = e._decode([ids], [None], mllm.DecodeSettings(), [0], None)[0].features.float().cpu()
+        plain = e.generate_tokens([ids], [None], mllm.DecodeSettings(), [0], None)[0].features.float().cpu()
     b.check("decode: ours vs plain transformers loop", ours(), plain, *tol(b, "decode"))
     b.check("decode: ours vs stock", ours(), stock.decode_image_tokens(b.sm, ids), *tol(b, "decode"))
     if not b.cuda:  # the CUDA-only static cache, run eagerly on the CPU, against the plain loop
@@ -133,7 +133,7 @@ def fig_sweep(b):
 
     def ours():
         cond = e.encode(prompts, seed=0)
-        return e.decode(cond, seed=seeds, steps=a.steps, cfg=2.0, width=b.side, height=b.side)
+        return e.decode_pixels(cond, seed=seeds, steps=a.steps, cfg=2.0, width=b.side, height=b.side)
 
     def stock_fn():
         return stock.sweep(b.sm, rows, seeds, a.steps, 2.0, b.side, b.side)
@@ -162,18 +162,18 @@ def fig_chat(b):
     ids5 = b.prompt_ids(CHAT_MESSAGES[n], history, task="chat")
     ids4 = b.prompt_ids(CHAT_MESSAGES[n - 1], history[:-1], task="chat")  # turn 4's prompt
     past = torch.rand(n, b.side, b.side, 3, generator=torch.Generator().manual_seed(6))  # the past images
-    if b.random_weights and e.parts.eva_state is None and e._eva is None:
+    if b.random_weights and e.parts.eva_state is None and not e.eva_built:
         b.log("building random EVA weights for the stock path")
         e.parts.eva_state = models.eva_state(e.eva_cfg, b.device, e.dtype)
     eva = e.eva
     feats = e.encode_images(past)  # stored when each image was made (chat's history_features="eva" form)
     settings = mllm.DecodeSettings()
-    first = e._decode([ids4], [feats[:n - 1]], settings, [0], None, keep_prompt_cache=True)[0]
+    first = e.generate_tokens([ids4], [feats[:n - 1]], settings, [0], None, keep_prompt_cache=True)[0]
     common = next((i for i, (x, y) in enumerate(zip(ids4, ids5)) if x != y), min(len(ids4), len(ids5)))
     prefix = mllm.Prefix(first.prompt_cache, common)
 
     def ours():
-        r = e._decode([ids5], [feats], settings, [0], None, prefix=prefix, keep_prompt_cache=True)[0]
+        r = e.generate_tokens([ids5], [feats], settings, [0], None, prefix=prefix, keep_prompt_cache=True)[0]
         return r.features.float().cpu()
 
     def stock_fn():
@@ -222,15 +222,15 @@ def fig_load_full(b):
     from safetensors.torch import save_file
 
     e = b.engine
-    if e._eva is None:
+    if not e.eva_built:
         if e.parts.eva_state is None:
             e.parts.eva_state = models.eva_state(e.eva_cfg, b.device, e.dtype)
         e.eva  # noqa: B018 - builds it
-    state = {k: v.detach().to("cpu").contiguous() for k, v in e._eva.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in e.eva.state_dict().items()}
     folder = os.path.join(b.args.workdir, "load-full")
     os.makedirs(folder, exist_ok=True)
     pickle_path, st_path = os.path.join(folder, "visual.pt"), os.path.join(folder, "eva.safetensors")
-    gb = models.param_bytes(e._eva) / 1e9
+    gb = models.param_bytes(e.eva) / 1e9
     b.log(f"writing the EVA tower as a pickle and as safetensors ({gb:.2f} GB each)")
     torch.save(state, pickle_path)
     save_file(state, st_path)
@@ -280,7 +280,7 @@ def fig_peak(b):
 def fig_peak_cuda(b):
     """Stock: every module on the GPU (the release). Ours: offload='phase' from a cold start."""
     e, sm, a = b.engine, b.sm, b.args
-    if e._eva is None:
+    if not e.eva_built:
         if e.parts.eva_state is None:
             e.parts.eva_state = models.eva_state(e.eva_cfg, b.device, e.dtype)
         e.eva  # noqa: B018 - the release keeps EVA on the GPU

@@ -9,10 +9,11 @@ import functools
 import os
 from dataclasses import dataclass
 
+from ..wegen import rules
 from . import convert, host
 
 ACTIONS = ("continue", "reset", "undo last turn")
-HISTORY_FEATURES = ("stored", "eva")
+HISTORY_FEATURES = rules.HISTORY_FEATURES
 
 
 def sessions_root() -> str:
@@ -68,14 +69,16 @@ class WeGenChatMemory:
 
     @classmethod
     def IS_CHANGED(cls, session_name="chat", action="continue"):
-        sessions = host.wegen("sessions")
+        from ..wegen import sessions
+
         try:
             return f"{session_name}:{sessions.session_revision(sessions_root(), session_name)}:{action}"
         except ValueError:
             return float("nan")  # re-run: the node raises the clear error
 
     def open(self, session_name, action="continue"):
-        sessions = host.wegen("sessions")
+        from ..wegen import sessions
+
         root = sessions_root()
         sessions.check_session_name(session_name)
         if action not in ACTIONS:
@@ -114,20 +117,18 @@ class WeGenChatTurn:
                 "chat": ("WEGEN_CHAT", {"tooltip": "From WeGen Chat Memory or the previous Chat Turn."}),
                 "message": ("STRING", {"multiline": True, "default": "a red fox in a snowy forest, watercolor",
                                        "tooltip": "What you ask for in this turn."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": convert.MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "Seed of the decoder noise (and of text sampling) for this turn."}),
-                "steps": ("INT", {**convert.STEPS, "tooltip": convert.STEPS_TIP}),
-                "cfg": ("FLOAT", {**convert.CFG, "tooltip": convert.CFG_TIP}),
-                "width": ("INT", {**convert.SIZE, "tooltip": f"Output width, {convert.SIZE_TIP} With strength < 1 "
-                                                             f"or a mask it must equal the previous image's."}),
-                "height": ("INT", {**convert.SIZE, "tooltip": f"Output height, {convert.SIZE_TIP} With strength < 1 "
-                                                              f"or a mask it must equal the previous image's."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "Extension (consistency strength): 1.0 = the decoder starts "
-                                                  "from noise (release); lower starts from the previous image "
-                                                  "and keeps more of it."}),
-                "feather": ("INT", {"default": 16, "min": 0, "max": 256,
-                                    "tooltip": "Extension: pixels over which the mask edge blends (with a mask)."}),
+                "seed": rules.widget("seed", "Seed of the decoder noise (and of text sampling) for this turn.",
+                                     default=42),
+                **rules.decode_widgets(),
+                **rules.size_widgets(
+                    f"Output width, {rules.SIZE_TIP} With strength < 1 or a mask it must equal the previous image's.",
+                    f"Output height, {rules.SIZE_TIP} With strength < 1 or a mask it must equal the previous "
+                    f"image's."),
+                "strength": rules.widget("strength", "Extension (consistency strength): 1.0 = the decoder starts "
+                                                     "from noise (release); lower starts from the previous image "
+                                                     "and keeps more of it."),
+                "feather": rules.widget("feather", "Extension: pixels over which the mask edge blends (with a "
+                                                   "mask)."),
                 "history_features": (list(HISTORY_FEATURES), {
                     "default": "stored",
                     "tooltip": "Extension: how past images re-enter the prompt: stored = their 64 generated "
@@ -156,7 +157,9 @@ class WeGenChatTurn:
             raise ValueError(f"history_features must be one of {list(HISTORY_FEATURES)}, got {history_features!r}")
         engine = host.load_engine(model)
         settings = convert.decode_settings(engine, steps, cfg, width, height)
-        result = host.wegen("chat").chat_turn(
+        from ..wegen.chat import chat_turn
+
+        result = chat_turn(
             engine, chat.root, chat.name, message, images, seed=seed, **settings, reference="auto", mask=mask,
             strength=strength, feather=feather, history_features=history_features,
             feature_slice=engine.recommended["feature_slice"], expect_turns=chat.turn_ids,
@@ -175,25 +178,29 @@ NODE_CLASS_MAPPINGS = {"WeGenChatMemory": WeGenChatMemory, "WeGenChatTurn": WeGe
 
 def api_session(name: str) -> dict:
     """GET /wegen/chat/session?name=: the session's turns (texts, settings, image paths)."""
-    sessions = host.wegen("sessions")
+    from ..wegen import sessions
+
     return sessions.session_summary(sessions.load_session(sessions_root(), sessions.check_session_name(name)))
 
 
 def api_image(name: str, file: str) -> str:
     """GET /wegen/chat/image?name=&file=: the path of an image the session lists (nothing else is served)."""
-    sessions = host.wegen("sessions")
+    from ..wegen import sessions
+
     return sessions.session_file(sessions_root(), sessions.check_session_name(name), file)
 
 
 def api_undo(name: str) -> dict:
     """POST /wegen/chat/undo {name}: remove the last turn (refused while a turn runs)."""
-    sessions = host.wegen("sessions")
+    from ..wegen import sessions
+
     return sessions.session_summary(sessions.undo_turn(sessions_root(), name, blocking=False))
 
 
 def api_new(name: str) -> dict:
     """POST /wegen/chat/new {name}: an unused session name based on `name` (nothing is created or removed)."""
-    sessions = host.wegen("sessions")
+    from ..wegen import sessions
+
     base = sessions.check_session_name(name).rstrip("0123456789").rstrip("-") or "chat"
     taken = set(sessions.list_sessions(sessions_root()))
     k = 2
@@ -206,7 +213,8 @@ async def _handle(request, method: str):
     """One route: query (GET) or JSON body (POST) -> the api_* function; errors -> JSON {error} with a status."""
     from aiohttp import web
 
-    sessions = host.wegen("sessions")
+    from ..wegen import sessions
+
     try:
         args = dict(request.query) if request.method == "GET" else dict(await request.json())
         if method == "image":

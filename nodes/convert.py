@@ -6,37 +6,25 @@ layout, and its edit mask means the same thing (1 = the area to change).
 """
 from __future__ import annotations
 
-MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed widget range
-# Decode-setting widgets. Their defaults leave the value to the checkpoint (an extension): 0 steps, 0 width/height,
-# cfg -1 and feature_slice "checkpoint" stand for the checkpoint's `recommended` entry in wegen_config.json (the
-# release's 50 steps, cfg 2.0, its UNet's size and the official slice for checkpoints without one). Any other value
-# is used as it is, so saved workflows (positional widgets_values) keep their explicit settings.
-SIZE = {"default": 0, "min": 0, "max": 4096, "step": 8}  # width/height widgets (wegen.decoder.MAX_SIDE)
-STEPS = {"default": 0, "min": 0, "max": 1000}
-CFG = {"default": -1.0, "min": -1.0, "max": 30.0, "step": 0.1}
-CHECKPOINT_DEFAULT = "checkpoint"  # the feature_slice choice that means the checkpoint's recommendation
-FEATURE_SLICES = ("official", "aligned", CHECKPOINT_DEFAULT)
-STEPS_TIP = "Euler steps. 0 = the checkpoint's recommendation (the release: 50; wegen-toy: 20)."
-CFG_TIP = ("UNet guidance against an all-zero condition (release: 2.0 for its FID run, 7.0 for its CLIP-T run; "
-           "<= 1 turns guidance off). -1 = the checkpoint's recommendation (2.0 for the release and wegen-toy).")
-SIZE_TIP = "a multiple of 8. 0 = the checkpoint's recommendation (the release: 1024; wegen-toy: 64)."
+from ..wegen import rules  # the widgets' bounds, defaults and checks (stdlib only)
 
 
 def decode_settings(engine, steps, cfg, width, height) -> dict:
     """Decode widgets -> steps, cfg, width, height for the engine: 0 (steps, width, height) and -1 (cfg) become
     the checkpoint's recommendation (engine.recommended); other values pass unchanged (the engine checks them)."""
-    rec = engine.recommended
-    if isinstance(cfg, (int, float)) and not isinstance(cfg, bool) and cfg < 0 and cfg != -1:
-        raise ValueError(f"cfg must be >= 0, or -1 for the checkpoint's recommendation ({rec['cfg']}), got {cfg!r}")
+    rec, auto_cfg = engine.recommended, rules.CFG_RECOMMENDED
+    if isinstance(cfg, (int, float)) and not isinstance(cfg, bool) and cfg < 0 and cfg != auto_cfg:
+        raise ValueError(f"cfg must be >= 0, or {auto_cfg:g} for the checkpoint's recommendation ({rec['cfg']}), "
+                         f"got {cfg!r}")
     return {"steps": rec["steps"] if steps == 0 and not isinstance(steps, bool) else steps,
-            "cfg": rec["cfg"] if cfg == -1 and not isinstance(cfg, bool) else cfg,
+            "cfg": rec["cfg"] if cfg == auto_cfg and not isinstance(cfg, bool) else cfg,
             "width": rec["width"] if width == 0 and not isinstance(width, bool) else width,
             "height": rec["height"] if height == 0 and not isinstance(height, bool) else height}
 
 
 def feature_slice(engine, value: str) -> str:
     """feature_slice widget -> the engine's value ("checkpoint" = the checkpoint's recommendation)."""
-    return engine.recommended["feature_slice"] if value == CHECKPOINT_DEFAULT else value
+    return engine.recommended["feature_slice"] if value == rules.CHECKPOINT_DEFAULT else value
 
 
 def image_in(image, name: str = "image"):
@@ -80,9 +68,7 @@ def image_out(images):
 
 def seeds(seed, n: int) -> list[int]:
     """A seed widget value -> one seed per row (row b uses seed + b, wrapping at 2**64)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
-    return [(seed + b) % (MAX_SEED + 1) for b in range(n)]
+    return rules.seed_rows(seed, n)
 
 
 def text_in(text, name: str = "text") -> str:

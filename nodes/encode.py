@@ -1,6 +1,7 @@
 """WeGen MLLM Encode: prompt (+ reference images) -> WEGEN_COND (the 64 image features + reply text)."""
 from __future__ import annotations
 
+from ..wegen import rules
 from . import convert, host
 
 
@@ -27,26 +28,17 @@ class WeGenMLLMEncode:
                 "model": ("WEGEN_MODEL", {"tooltip": "From WeGen Loader."}),
                 "text": ("STRING", {"multiline": True, "default": "a red fox in a snowy forest, watercolor",
                                     "tooltip": "The instruction. May be empty when images are connected."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": convert.MAX_SEED, "control_after_generate": False,
-                                 "tooltip": "Text sampling seed; only used when temperature > 0 (extension)."}),
-                "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                                          "tooltip": "0 = greedy, as the release. > 0 samples the text (extension)."}),
-                "top_p": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                    "tooltip": "Nucleus sampling when temperature > 0 (extension)."}),
-                "max_new_tokens": ("INT", {"default": 512, "min": 1, "max": 4096,
-                                           "tooltip": "Token budget (release: 512). Counts text tokens only (default "
-                                                      "preset), or every generated token, the 66-token image block "
-                                                      "included, under the Loader's preset 'release' (as the release "
-                                                      "counts)."}),
-                "var_cfg_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                                            "tooltip": "The release's guidance on the image-slot hidden states; "
-                                                       "1.0 = off (release default)."}),
-                "feature_slice": (list(convert.FEATURE_SLICES), {
-                    "default": convert.CHECKPOINT_DEFAULT,
-                    "tooltip": "Which 64 hidden states become features. official = the release; aligned = "
-                               "shifted by one so each slot reads its own state (extension); checkpoint = what "
-                               "the checkpoint recommends (extension: aligned for wegen-toy, official for the "
-                               "release's weights)."}),
+                "seed": rules.widget("seed", "Text sampling seed; only used when temperature > 0 (extension).",
+                                     control_after_generate=False),
+                "temperature": rules.widget("temperature", "0 = greedy, as the release. > 0 samples the text "
+                                                           "(extension)."),
+                "top_p": rules.widget("top_p"),
+                "max_new_tokens": rules.widget("max_new_tokens", "Token budget (release: 512). Counts text tokens "
+                                                                 "only (default preset), or every generated token, "
+                                                                 "the 66-token image block included, under the "
+                                                                 "Loader's preset 'release' (as the release counts)."),
+                "var_cfg_scale": rules.widget("var_cfg_scale"),
+                "feature_slice": rules.widget("feature_slice"),
                 "force_image": ("BOOLEAN", {"default": True,
                                             "tooltip": "Start the image block right after the prompt so every "
                                                        "run yields an image (extension). Off = the release: the "
@@ -60,7 +52,7 @@ class WeGenMLLMEncode:
         }
 
     def encode(self, model, text, seed=0, temperature=0.0, top_p=1.0, max_new_tokens=512, var_cfg_scale=1.0,
-               feature_slice=convert.CHECKPOINT_DEFAULT, force_image=True, images=None, unique_id=None):
+               feature_slice=rules.CHECKPOINT_DEFAULT, force_image=True, images=None, unique_id=None):
         text = convert.text_in(text, "text")
         refs = None if images is None else convert.image_in(images, "images")
         if not text.strip() and refs is None:

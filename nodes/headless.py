@@ -1,5 +1,5 @@
-"""Headless graph runner: executes an API-format workflow through NODE_CLASS_MAPPINGS without ComfyUI,
-and turns the UI-format workflows of workflows/ into API format.
+"""Headless graph runner: executes an API-format workflow through NODE_CLASS_MAPPINGS without ComfyUI
+(UI-format files are converted by wegen/workflow.py, strictly, against the node classes' own INPUT_TYPES).
 
 Follows the parts of ComfyUI 0.8's execution.py that our graphs rely on: only output nodes and their
 ancestors run, in dependency order; every value travels as a list and a node runs once per index
@@ -14,11 +14,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..wegen import workflow
 from . import host
-
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-FRONTEND_ONLY_NODES = {"Note", "MarkdownNote"}  # virtual: never sent to the server
-SEED_NAMES = ("seed", "noise_seed")  # the frontend adds "control after generate" to these INTs by default
 
 
 @dataclass
@@ -50,6 +47,8 @@ class SaveImage:
         self.run = run
 
     def save_images(self, images, filename_prefix="ComfyUI"):
+        from ..wegen.images import save_png
+
         subfolder, prefix = os.path.split(os.path.normpath(filename_prefix))
         if subfolder.startswith("..") or os.path.isabs(subfolder) or not prefix:
             raise ValueError(f"filename_prefix must be a name inside the output folder, got {filename_prefix!r}")
@@ -60,7 +59,7 @@ class SaveImage:
             n = self.run.counters.get(filename_prefix, 0) + 1
             self.run.counters[filename_prefix] = n
             filename = f"{prefix}_{n:05d}_.png"
-            host.wegen("images").save_png(image, os.path.join(folder, filename))
+            save_png(image, os.path.join(folder, filename))
             saved.append({"filename": filename, "subfolder": subfolder, "type": self.FILE_TYPE})
         return {"ui": {"images": saved}}
 
@@ -85,7 +84,6 @@ class PreviewAny:
     OUTPUT_NODE = True
     RETURN_TYPES = ()
     FUNCTION = "main"
-    FRONTEND_WIDGETS = ("preview", "preview", "previewMode")  # added by the frontend (markdown, text, toggle)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -173,98 +171,6 @@ def node_mappings() -> dict:
     return {**CORE_STANDINS, **NODE_CLASS_MAPPINGS}
 
 
-# Node signatures --------------------------------------------------------------------------------
-
-def input_specs(cls) -> list[tuple[str, str, dict, bool]]:
-    """(name, type, options, optional) of every required then optional input, in widget order."""
-    spec = cls.INPUT_TYPES()
-    specs = []
-    for section in ("required", "optional"):
-        for name, entry in spec.get(section, {}).items():
-            kind = entry[0]
-            options = entry[1] if len(entry) > 1 else {}
-            specs.append((name, "COMBO" if isinstance(kind, (list, tuple)) else kind, options, section == "optional"))
-    return specs
-
-
-def widgets(cls) -> list[tuple[str, bool]]:
-    """(name, followed by a 'control after generate' value) for each widget, in the order of widgets_values."""
-    out = []
-    for name, kind, options, _ in input_specs(cls):
-        if kind not in WIDGET_TYPES or options.get("forceInput"):
-            continue
-        control = options.get("control_after_generate", kind == "INT" and name in SEED_NAMES)
-        out.append((name, bool(control)))
-    return out
-
-
-# UI format -> API format ----------------------------------------------------------------------------
-
-def ui_to_api(workflow: dict, mappings: dict | None = None) -> dict:
-    """A UI-format workflow (what the ComfyUI canvas saves) -> the API-format prompt it queues.
-
-    Checks on the way: every node type is known, widgets_values has one value per widget (+ one after each
-    seed-style widget, + the frontend's own widgets), and every link joins an output and an input of the
-    same type.
-    """
-    mappings = mappings or node_mappings()
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    links = {link[0]: link for link in workflow.get("links", [])}
-    prompt = {}
-    for node in workflow["nodes"]:
-        if node["type"] in FRONTEND_ONLY_NODES:
-            continue
-        where = f"node {node['id']} ({node['type']})"
-        if node.get("mode", 0) != 0:
-            raise ValueError(f"{where} is muted or bypassed; headless runs need every node active")
-        if node["type"] not in mappings:
-            raise ValueError(f"{where}: unknown node type; known: {sorted(mappings)}")
-        cls = mappings[node["type"]]
-        inputs = _widget_values(cls, node.get("widgets_values") or [], where)
-        for slot in node.get("inputs", []):
-            if slot.get("link") is None:
-                continue
-            _, src, src_slot, dst, dst_slot, kind = links[slot["link"]]
-            if dst != node["id"]:
-                raise ValueError(f"{where}: link {slot['link']} ends at node {dst}, not here")
-            _check_link_type(mappings, nodes[src], src_slot, cls, slot["name"], kind, where)
-            inputs[slot["name"]] = [str(src), src_slot]
-        prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"],
-                                   "_meta": {"title": node.get("title") or getattr(cls, "TITLE", node["type"])}}
-    return prompt
-
-
-def _widget_values(cls, values: list, where: str) -> dict:
-    names = widgets(cls)
-    expected = len(names) + sum(control for _, control in names) + len(getattr(cls, "FRONTEND_WIDGETS", ()))
-    appended = set(getattr(cls, "APPENDED_WIDGETS", ()))  # added later at the end of "optional": a workflow
-    tail = 0  # saved before has no value for them
-    while tail < len(names) and names[-1 - tail][0] in appended and not names[-1 - tail][1]:
-        tail += 1
-    if not getattr(cls, "FRONTEND_WIDGETS", ()) and expected - tail <= len(values) < expected:
-        names = names[:len(values)]  # as the frontend does: the missing trailing widgets keep their defaults
-    elif len(values) != expected:
-        raise ValueError(f"{where}: widgets_values has {len(values)} values but the node has {expected} widget "
-                         f"slots ({', '.join(n + (' + control' if c else '') for n, c in names)})")
-    inputs, k = {}, 0
-    for name, control in names:
-        inputs[name] = values[k]
-        k += 2 if control else 1
-    return inputs
-
-
-def _check_link_type(mappings, src_node, src_slot, dst_cls, dst_name, kind, where):
-    src_types = mappings[src_node["type"]].RETURN_TYPES
-    if src_slot >= len(src_types) or src_types[src_slot] != kind:
-        raise ValueError(f"{where}: link from node {src_node['id']} slot {src_slot} is typed {kind!r} but that "
-                         f"output is {src_types[src_slot] if src_slot < len(src_types) else 'missing'}")
-    declared = {name: t for name, t, _, _ in input_specs(dst_cls)}
-    if dst_name not in declared:
-        raise ValueError(f"{where}: no input named {dst_name!r}")
-    if declared[dst_name] not in (kind, "*"):
-        raise ValueError(f"{where}: input {dst_name!r} takes {declared[dst_name]} but is linked to a {kind}")
-
-
 # Running an API-format prompt ---------------------------------------------------------------------
 
 def execution_order(prompt: dict, mappings: dict) -> list[str]:
@@ -348,7 +254,7 @@ def _gather_inputs(node_id, node, cls, prompt, run_state) -> dict:
     if missing:
         raise ValueError(f"node {node_id} ({node['class_type']}) is missing required input(s) {missing}")
     known = set(spec.get("required", {})) | set(spec.get("optional", {}))
-    frontend_only = getattr(cls, "FRONTEND_WIDGETS", ())  # "Export (API)" includes them; ComfyUI ignores them
+    frontend_only = workflow.FRONTEND_WIDGETS.get(node["class_type"], ())  # the frontend's own; ComfyUI ignores them
     given = {k: v for k, v in given.items() if k not in frontend_only}
     unknown = sorted(set(given) - known)
     if unknown:
@@ -376,8 +282,13 @@ def _id_key(node_id: str):
     return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
 
 
-def load_workflow(path: str) -> dict:
-    """A workflow file -> API-format prompt (UI-format files are converted)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return ui_to_api(data) if "nodes" in data and "links" in data else data
+def load_workflow(path: str, mappings: dict | None = None) -> dict:
+    """A workflow file -> API-format prompt (UI-format files are converted, strictly, against `mappings`)."""
+    wf, kind = workflow.load_workflow(path)
+    return ui_to_api(wf, mappings) if kind == "ui" else wf
+
+
+def ui_to_api(ui: dict, mappings: dict | None = None) -> dict:
+    """A UI-format workflow -> its API prompt; strict: widget slot counts and link types checked against the
+    classes' INPUT_TYPES / RETURN_TYPES."""
+    return workflow.ui_to_api(ui, workflow.object_info(mappings or node_mappings()), strict=True)

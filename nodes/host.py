@@ -8,18 +8,18 @@ latent_preview). Follows shared/reference/comfyui-host-contract.md sections 1.7-
   * `Progress`: the engine callback -> ProgressBar over decode tokens and denoise steps, an interrupt
     check every step, a latent preview every few denoise steps.
 
-ComfyUI modules are looked up on every call (never cached at import), so the same code runs inside
+ComfyUI modules are imported on every call (never cached at import), so the same code runs inside
 ComfyUI, under the tests' stand-in modules, and with no ComfyUI at all, where everything degrades to
 plain behaviour: checkpoints under ./models/wegen, the engine on the CPU (or CUDA), no progress bar.
+The engine is reached with relative imports (`from ..wegen import engine`: the pack's own copy, whatever
+name ComfyUI imported the pack under), inside the functions that need it, so the pack imports no torch.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -39,34 +39,36 @@ SDXL_LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076
 SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 
-def wegen(name: str):
-    """The engine module wegen.<name>: the pack's own copy inside ComfyUI (which imports the pack under
-    an absolute-path package name), the top-level `wegen` package in tests and `python -m wegen`."""
-    pack = (__package__ or "").rpartition(".")[0]
-    return importlib.import_module(f"{pack}.wegen.{name}" if pack else f"wegen.{name}")
-
-
 # Finding ComfyUI ---------------------------------------------------------------------------------
 
-def _module(name: str):
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
+def comfy():
+    """The ComfyUI modules this pack uses, or None outside ComfyUI (no importable folder_paths). A module this
+    host lacks (an older ComfyUI, the tests' stand-ins) is None."""
     try:
-        return importlib.import_module(name)
+        import folder_paths
     except ImportError:
         return None
-
-
-def comfy():
-    """The ComfyUI modules this pack uses, or None outside ComfyUI (no importable folder_paths)."""
-    folder_paths = _module("folder_paths")
-    if folder_paths is None:
-        return None
-    return SimpleNamespace(folder_paths=folder_paths, mm=_module("comfy.model_management"),
-                           utils=_module("comfy.utils"), model_patcher=_module("comfy.model_patcher"),
-                           patcher_extension=_module("comfy.patcher_extension"), server=_module("server"),
-                           latent_preview=_module("latent_preview"))
+    host = SimpleNamespace(folder_paths=folder_paths, mm=None, utils=None, model_patcher=None,
+                           patcher_extension=None, server=None, latent_preview=None)
+    with contextlib.suppress(ImportError):
+        import comfy.model_management as mm
+        host.mm = mm
+    with contextlib.suppress(ImportError):
+        import comfy.utils as utils
+        host.utils = utils
+    with contextlib.suppress(ImportError):
+        import comfy.model_patcher as model_patcher
+        host.model_patcher = model_patcher
+    with contextlib.suppress(ImportError):
+        import comfy.patcher_extension as patcher_extension
+        host.patcher_extension = patcher_extension
+    with contextlib.suppress(ImportError):
+        import server
+        host.server = server
+    with contextlib.suppress(ImportError):
+        import latent_preview
+        host.latent_preview = latent_preview
+    return host
 
 
 # Model folders -------------------------------------------------------------------------------------
@@ -88,14 +90,17 @@ def model_folders() -> list[str]:
 
 def bundled_checkpoints() -> dict:
     """{name: folder} of the checkpoints shipped inside the pack (checkpoints/<name>, e.g. wegen-toy)."""
-    return wegen("loading").bundled_checkpoints()
+    from ..wegen.loading import bundled_checkpoints as bundled
+
+    return bundled()
 
 
 def list_checkpoints() -> list[str]:
     """The Loader's choices: the pack's bundled checkpoints first (no setup needed), then the sorted names of the
     subfolders of the model folders that hold either checkpoint layout (a few stats each). A model-folder
     checkpoint named like a bundled one is listed once, and find_checkpoint gives the model folder's."""
-    resolve, error = wegen("loading").resolve_checkpoint, wegen("loading").CheckpointError
+    from ..wegen.loading import CheckpointError, resolve_checkpoint
+
     bundled = list(bundled_checkpoints())
     names = []
     for folder in model_folders():
@@ -103,8 +108,8 @@ def list_checkpoints() -> list[str]:
             continue
         for name in sorted(os.listdir(folder)):
             try:
-                resolve(os.path.join(folder, name))
-            except (error, OSError):
+                resolve_checkpoint(os.path.join(folder, name))
+            except (CheckpointError, OSError):
                 continue
             names.append(name)
     return bundled + sorted(set(names) - set(bundled))
@@ -115,17 +120,19 @@ def find_checkpoint(name: str) -> str:
 
     Names are looked up in the model folders first (so a models/wegen/<name> folder replaces a bundled checkpoint
     of the same name), then among the pack's bundled checkpoints."""
+    from ..wegen.loading import resolve_checkpoint
+
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"checkpoint must be the name of a folder under models/{MODEL_FOLDER}/ or of a bundled "
                          f"checkpoint, got {name!r}")
     if os.path.isabs(os.path.expanduser(name)):
-        wegen("loading").resolve_checkpoint(name)  # names the missing files
+        resolve_checkpoint(name)  # names the missing files
         return os.path.abspath(os.path.expanduser(name))
     folders = model_folders()
     for folder in folders:
         path = os.path.join(folder, name)
         if os.path.isdir(path):
-            wegen("loading").resolve_checkpoint(path)
+            resolve_checkpoint(path)
             return path
     bundled = bundled_checkpoints()
     if name in bundled:
@@ -193,10 +200,11 @@ def load_engine(model: WeGenModel):
     """WEGEN_MODEL -> the cached WeGenEngine for its checkpoint, dtype and placement."""
     import torch
 
+    from ..wegen import engine as engine_api
+
     model = check_handle(model)
     host = comfy()
     device, offload, _ = placement(model.device, host, model.offload)
-    engine_api = wegen("engine")
     resolved = engine_api.resolve_dtype(model.dtype, torch.device(device), model.preset)
     dtype = next(name for name, d in engine_api.DTYPES.items() if d == resolved)  # "auto" shares its twin's engine
     key = (os.path.realpath(model.checkpoint), dtype, device, offload, model.preset, model.weight_dtype)
@@ -242,20 +250,15 @@ def patcher(engine, name: str, host=None):
                                             offload_device=host.mm.unet_offload_device())
         callbacks = getattr(host.patcher_extension, "CallbacksMP", None)
         if callbacks is not None and hasattr(p, "add_callback"):
-            p.add_callback(callbacks.ON_DETACH, functools.partial(release_device_state, engine, name, module))
+            p.add_callback(callbacks.ON_DETACH, functools.partial(release_device_state, engine, name))
         _PATCHERS[key] = p
     return _PATCHERS[key]
 
 
-def release_device_state(engine, name, module, patcher=None, unpatch_all=True):
-    """ComfyUI moved engine.<name> off the GPU ("Unload models", eviction): drop the CUDA graphs and static
-    caches made for its weights and, for the LLM, the chat prefix KV caches, which sit on the GPU too."""
-    try:
-        wegen("fastpath").release(module)
-        if name == "mllm":
-            wegen("chat").engine_prefix_cache(engine).clear()
-    except ImportError:
-        return
+def release_device_state(engine, name, patcher=None, unpatch_all=True):
+    """ComfyUI moved engine.<name> off the GPU ("Unload models", eviction; a ModelPatcher ON_DETACH callback):
+    the engine frees what it keeps on the device for that module besides the weights (engine.release)."""
+    engine.release(name)
 
 
 @contextlib.contextmanager

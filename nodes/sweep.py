@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import re
 
+from ..wegen import rules
 from . import convert, host
 
+MAX_SEEDS = 256  # seeds per prompt (the `seeds` widget)
 SWEEP_FOLDER = "wegen/sweeps/sweep"  # default save_to: <output>/wegen/sweeps/sweep_00001/, ...
 
 
@@ -30,23 +32,21 @@ class WeGenPromptSelfRewrite:
 
     @classmethod
     def INPUT_TYPES(cls):
-        rewrite = host.wegen("rewrite")
+        from ..wegen import rewrite
+
         return {
             "required": {
                 "model": ("WEGEN_MODEL", {"tooltip": "From WeGen Loader."}),
                 "prompt": ("STRING", {"multiline": True, "default": "a lighthouse",
                                       "tooltip": "The prompt to rewrite (vague is fine)."}),
                 "n": ("INT", {"default": 4, "min": 1, "max": rewrite.MAX_N, "tooltip": "K: how many prompts."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": convert.MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "Rewrite i samples with seed + i; same seed, same prompts."}),
-                "temperature": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 2.0, "step": 0.05,
-                                          "tooltip": "Sampling temperature; > 0 for K > 1 (0 = greedy: one "
-                                                     "rewrite only)."}),
-                "top_p": ("FLOAT", {"default": 0.95, "min": 0.01, "max": 1.0, "step": 0.01,
-                                    "tooltip": "Nucleus sampling."}),
-                "max_new_tokens": ("INT", {"default": 96, "min": 1, "max": 4096,
-                                           "tooltip": "Token cap of one rewrite."}),
-                "max_chars": ("INT", {"default": 400, "min": 8, "max": 20000,
+                "seed": rules.widget("seed", "Rewrite i samples with seed + i; same seed, same prompts.", default=42),
+                "temperature": rules.widget("temperature", "Sampling temperature; > 0 for K > 1 (0 = greedy: one "
+                                                           "rewrite only).", default=rewrite.DEFAULT_TEMPERATURE),
+                "top_p": rules.widget("top_p", "Nucleus sampling.", default=rewrite.DEFAULT_TOP_P),
+                "max_new_tokens": rules.widget("max_new_tokens", "Token cap of one rewrite.",
+                                               default=rewrite.DEFAULT_MAX_NEW_TOKENS),
+                "max_chars": ("INT", {"default": rewrite.DEFAULT_MAX_CHARS, "min": 8, "max": 20000,
                                       "tooltip": "Character cap of one rewrite (cut on a word boundary)."}),
                 "keep_original": ("BOOLEAN", {"default": False,
                                               "tooltip": "Your prompt itself is the first of the K."}),
@@ -62,7 +62,8 @@ class WeGenPromptSelfRewrite:
         prompt = convert.text_in(prompt, "prompt")
         template = convert.text_in(template, "template")
         seed = convert.seeds(seed, 1)[0]
-        rewrite = host.wegen("rewrite")
+        from ..wegen import rewrite
+
         rewrite.check_rewrite_inputs(prompt, n, seed, temperature, top_p, max_new_tokens, max_chars, template,
                                      rewrite.DEFAULT_MAX_ROUNDS, bool(keep_original))  # before loading the model
         engine = host.load_engine(model)
@@ -106,14 +107,11 @@ class WeGenDiversitySweep:
                 "prompts": ("STRING", {"multiline": True, "default": "a lighthouse at dawn\na lighthouse in a storm",
                                        "tooltip": "Connect the prompt list of WeGen Prompt Self-Rewrite, or type "
                                                   "one prompt per line."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": convert.MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "First image seed (release: 42)."}),
-                "seeds": ("INT", {"default": 2, "min": 1, "max": 256,
+                "seed": rules.widget("seed", "First image seed (release: 42).", default=42),
+                "seeds": ("INT", {"default": 2, "min": 1, "max": MAX_SEEDS,
                                   "tooltip": "How many seeds per prompt: seed, seed + 1, ..."}),
-                "steps": ("INT", {**convert.STEPS, "tooltip": convert.STEPS_TIP}),
-                "cfg": ("FLOAT", {**convert.CFG, "tooltip": convert.CFG_TIP}),
-                "width": ("INT", {**convert.SIZE, "tooltip": f"Image width, {convert.SIZE_TIP}"}),
-                "height": ("INT", {**convert.SIZE, "tooltip": f"Image height, {convert.SIZE_TIP}"}),
+                **rules.decode_widgets(),
+                **rules.size_widgets(f"Image width, {rules.SIZE_TIP}", f"Image height, {rules.SIZE_TIP}"),
                 "memory_budget_mb": ("INT", {"default": 4096, "min": 1, "max": 1 << 20,
                                              "tooltip": "Memory (MiB) one batch may take; sets the batch sizes "
                                                         "from an estimate of the UNet/VAE activations."}),
@@ -134,7 +132,8 @@ class WeGenDiversitySweep:
             ("save_to", save_to), ("unique_id", unique_id or [None]))}
         texts = split_prompts(prompts)
         first = convert.seeds(one["seed"], 1)[0]
-        sw = host.wegen("sweep")
+        from ..wegen import sweep as sw
+
         seed_list = sw.check_seeds(convert.seeds(first, _count(one["seeds"])))
         engine = host.load_engine(one["model"])  # cached since the Loader ran: its recommendation fills the 0s
         decode = convert.decode_settings(engine, one["steps"], one["cfg"], one["width"], one["height"])
@@ -161,8 +160,8 @@ def _single(value, name: str):
 
 
 def _count(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 256:
-        raise ValueError(f"seeds (how many seeds per prompt) must be an integer in 1..256, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SEEDS:
+        raise ValueError(f"seeds (how many seeds per prompt) must be an integer in 1..{MAX_SEEDS}, got {n!r}")
     return n
 
 

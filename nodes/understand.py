@@ -1,6 +1,7 @@
 """WeGen Understand: image(s) + question -> the MLLM's text answer (no image is generated)."""
 from __future__ import annotations
 
+from ..wegen import rules
 from . import convert, host
 
 
@@ -24,14 +25,11 @@ class WeGenUnderstand:
                 "images": ("IMAGE", {"tooltip": "The image(s) to ask about."}),
                 "question": ("STRING", {"multiline": True, "default": "Describe this image in detail.",
                                         "tooltip": "What to ask about the images."}),
-                "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 4096,
-                                           "tooltip": "Longest answer, in tokens."}),
-                "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                                          "tooltip": "0 = greedy (release). > 0 samples (extension)."}),
-                "top_p": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                    "tooltip": "Nucleus sampling when temperature > 0 (extension)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": convert.MAX_SEED, "control_after_generate": False,
-                                 "tooltip": "Sampling seed; only used when temperature > 0 (extension)."}),
+                "max_new_tokens": rules.widget("max_new_tokens", "Longest answer, in tokens.", default=256),
+                "temperature": rules.widget("temperature", "0 = greedy (release). > 0 samples (extension)."),
+                "top_p": rules.widget("top_p"),
+                "seed": rules.widget("seed", "Sampling seed; only used when temperature > 0 (extension).",
+                                     control_after_generate=False),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

@@ -1,6 +1,6 @@
 """Shared fixtures: one tiny checkpoint per test session (official layout), engines on the CPU.
 
-Stand-in ComfyUI host modules for node tests are installed by tests/host_stubs.py (see there).
+The pack loaded as ComfyUI loads it, and the stand-in ComfyUI host for node tests: the plugin tests/host_stubs.py.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from host_stubs import comfy_host  # noqa: E402,F401  (the stand-in ComfyUI host fixture, for every test module)
+pytest_plugins = ["host_stubs", "comfyui_host"]
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,18 @@
-"""Stand-in ComfyUI host modules for node tests: folder_paths, comfy.utils.ProgressBar,
-comfy.model_management, comfy.model_patcher, server.PromptServer, latent_preview.
+"""pytest plugin (tests/conftest.py: pytest_plugins): the pack loaded the way ComfyUI loads it, and a stand-in
+ComfyUI host for node tests.
 
-They mirror the parts of ComfyUI 0.8 the pack calls (shared/reference/comfyui-host-contract.md 1.7-1.10),
-and record what the pack did so tests can check it. `install(monkeypatch, models_dir)` puts them into
-sys.modules for one test only (monkeypatch undoes it), so engine tests never see them. Use the
-`comfy_host` fixture from a test module: `from host_stubs import comfy_host  # noqa: F401`.
+The pack: ComfyUI imports a custom node folder as a package from its __init__.py, under a name of its own
+(`spec_from_file_location(name, <folder>/__init__.py)`, submodules searched in the folder); so does this plugin,
+under demo.PACK_NAME (ComfyUI_WeGen). Node tests import the nodes from it
+(`from ComfyUI_WeGen.nodes import host`), never a top-level `nodes`, so the nodes' relative imports reach the
+pack's own engine copy (`ComfyUI_WeGen.wegen`); engine tests keep `import wegen`. Objects of the two copies are
+not interchangeable: node tests get their engine from the `pack_engine` fixture (the nodes' loader caches it).
+
+The host: folder_paths, comfy.utils.ProgressBar, comfy.model_management, comfy.model_patcher,
+comfy.patcher_extension, server.PromptServer, latent_preview. They mirror the parts of ComfyUI 0.8 the pack calls
+(shared/reference/comfyui-host-contract.md 1.7-1.10), and record what the pack did so tests can check it. The
+`comfy_host` fixture (or `install(monkeypatch, models_dir)`) puts them into sys.modules for one test only
+(monkeypatch undoes it), so engine tests never see them.
 """
 from __future__ import annotations
 
@@ -14,6 +22,24 @@ import types
 from dataclasses import dataclass, field
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from demo import load_pack  # noqa: E402  (the pack as ComfyUI imports it: one loader for demo and tests)
+
+
+def pytest_configure(config):
+    load_pack()  # before test modules are collected: they import from it
+
+
+@pytest.fixture(scope="session")
+def pack_engine(tiny_ckpt):
+    """The float32 CPU engine on the tiny checkpoint, from the pack's own copy (what the nodes load)."""
+    from ComfyUI_WeGen.wegen.engine import WeGenEngine
+
+    return WeGenEngine.load(tiny_ckpt, dtype="fp32", device="cpu")
 
 
 class InterruptProcessingException(Exception):
@@ -105,7 +131,11 @@ def _model_patcher(host: StubHost):
         def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
             self.model, self.load_device, self.offload_device = model, load_device, offload_device
             self.detached = 0
+            self.callbacks = {}
             host.patchers.append(self)
+
+        def add_callback(self, call_type, callback):
+            self.callbacks.setdefault(call_type, []).append(callback)
 
         def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
             self.model.to(device_to or self.load_device)
@@ -114,9 +144,17 @@ def _model_patcher(host: StubHost):
         def detach(self, unpatch_all=True):
             self.detached += 1
             self.model.to(self.offload_device)
+            for callback in self.callbacks.get("on_detach_after", []):
+                callback(self, unpatch_all)
             return self.model
 
     m.ModelPatcher = ModelPatcher
+    return m
+
+
+def _patcher_extension():
+    m = types.ModuleType("comfy.patcher_extension")
+    m.CallbacksMP = types.SimpleNamespace(ON_DETACH="on_detach_after")
     return m
 
 
@@ -202,6 +240,7 @@ def install(monkeypatch, models_dir: str, **knobs) -> StubHost:
     comfy.__path__ = []  # a package
     modules = {"folder_paths": _folder_paths(host), "comfy": comfy,
                "comfy.model_management": _model_management(host), "comfy.model_patcher": _model_patcher(host),
+               "comfy.patcher_extension": _patcher_extension(),
                "comfy.utils": _utils(host), "server": _server(host), "latent_preview": _latent_preview(host)}
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)

@@ -91,6 +91,7 @@ def test_full_size_refuses_cpu():
         run.check_full_size("cpu")
 
 
+@pytest.mark.integration
 def test_full_size_on_cpu_exits_with_the_message(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--size", "full", "--device", "cpu",
                           "--json", str(tmp_path / "x.json")], capture_output=True, text=True, check=False)

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from wegen import chat, decoder, prompting, sessions
+from wegen import chat, decoder, prefix_cache, prompting, sessions
 from wegen.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def folder_state(path) -> dict:
 def three_turns(engine, tmp_path_factory):
     """A session 'fox' with three turns, run with a fresh PrefixCache; returns (root, results, cache)."""
     root = str(tmp_path_factory.mktemp("sessions"))
-    cache = chat.PrefixCache()
+    cache = prefix_cache.PrefixCache()
     results = [chat.chat_turn(engine, root, "fox", m, seed=i, prefix_cache=cache, **FAST) for i, m in enumerate(MSGS)]
     return root, results, cache
 
@@ -121,7 +121,7 @@ def test_prefix_reuse_equals_full_recompute(engine, three_turns, tmp_path):
 
 
 def test_turn_prefills_only_new_tokens_and_reencodes_no_image(engine, session_copy, monkeypatch):
-    cache = chat.PrefixCache()
+    cache = prefix_cache.PrefixCache()
     chat.chat_turn(engine, session_copy, "fox", "warm the cache", seed=5, prefix_cache=cache, **FAST)
     prefilled, encoded = [], []
     forward = engine.mllm.forward_hidden
@@ -197,7 +197,7 @@ def test_engine_decode_paste_back_is_bit_identical_for_any_reference(engine):
     reference = torch.rand(1, 64, 64, 3, generator=g)  # not 8-bit values
     features = torch.randn(1, 64, 112, generator=g)
     mask = _square_mask(lo=8, hi=30)
-    out = engine.decode(features, seed=1, steps=3, width=64, height=64, reference=reference, mask=mask[None],
+    out = engine.decode_pixels(features, seed=1, steps=3, width=64, height=64, reference=reference, mask=mask[None],
                         strength=0.7, feather=5)
     outside = decoder.feather_weight(mask[None], 5)[0, 0] == 0
     assert torch.equal(out[0][outside], reference[0][outside])
@@ -213,7 +213,8 @@ def test_strength_without_mask_starts_from_previous_image(engine, session_copy):
                          **dict(FAST, steps=4))
     assert near.record.settings["reference"] == "previous" and far.record.settings["reference"] == "none"
     # the decoder started from the previous image's latents (the tiny VAE is random: compare with the engine)
-    expected = engine.decode(near.features, seed=4, steps=4, width=64, height=64, reference=previous, strength=0.25)
+    expected = engine.decode_pixels(near.features, seed=4, steps=4, width=64, height=64, reference=previous,
+                                    strength=0.25)
     assert torch.equal(near.image, expected) and not torch.equal(near.image, far.image)
 
 
@@ -352,7 +353,7 @@ def test_bad_turn_inputs_name_the_input_and_change_nothing(engine, session_copy,
         (dict(reference="previous", width=128, height=128), "reference image is 64x64 but this turn is 128x128"),
         (dict(reference="previous", mask=torch.ones(32, 32)), "mask is 32x32"),
         (dict(reference="previous", mask=torch.zeros(64, 64)), "mask is empty"),
-        (dict(feather=-2), "feather must be a non-negative integer"),
+        (dict(feather=-2), r"feather must be an integer in 0\.\.256"),
         (dict(history_features="pixels"), "history_features must be one of"),
         (dict(seed=-1), "seed must be an integer"),
         (dict(strength=1.5), "strength must be in 0..1"),
@@ -390,10 +391,10 @@ class _FakeCache:
 
 
 def test_prefix_cache_longest_prefix_digests_and_byte_bound():
-    cache = chat.PrefixCache(max_bytes=32 * 34)
+    cache = prefix_cache.PrefixCache(max_bytes=32 * 34)
     a = list(range(10))
     cache.store(a, {2: "x"}, _FakeCache(10))
-    assert cache.nbytes == 320 and chat.cache_nbytes(_FakeCache(3)) == 96
+    assert cache.nbytes == 320 and prefix_cache.cache_nbytes(_FakeCache(3)) == 96
     assert cache.lookup(a + [99, 98], {2: "x"}).length == 10
     assert cache.lookup(a + [99], {2: "other"}).length == 2  # the block at 2 differs: reuse stops there
     assert cache.lookup(a[:5] + [50, 51], {2: "x"}).length == 5
@@ -409,7 +410,7 @@ def test_prefix_cache_longest_prefix_digests_and_byte_bound():
     cache.store([1] * 100, {}, _FakeCache(100))  # larger than the whole budget: not kept
     assert cache.lookup([1] * 101, {}) is None
     with pytest.raises(ValueError, match="max_bytes"):
-        chat.PrefixCache(-1)
+        prefix_cache.PrefixCache(-1)
 
 
 # Two processes, one session ------------------------------------------------------------------------
@@ -435,6 +436,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_two_processes_serialise_turns_on_one_session(tiny_ckpt, tmp_path):
     root = str(tmp_path / "root")
     os.makedirs(root)
@@ -519,7 +521,7 @@ def test_cli_chat_corrupt_session_exits_2_and_keeps_file(capsys, tiny_ckpt, tmp_
 def test_transcript_page_and_demo_items(three_turns, tmp_path):
     import shutil
 
-    from wegen import demo
+    from ComfyUI_WeGen.nodes import demo  # the demo's workflow side (the pack, loaded as ComfyUI loads it)
 
     out = tmp_path / "demo"
     shutil.copytree(os.path.join(three_turns[0], "fox"), out / "wegen" / "sessions" / "fox")

@@ -3,9 +3,8 @@ page with the pack loaded, loads workflows/chat_iterative_refine.json, queues it
 on the Chat Turn nodes shows the three turns (then its undo and new-session buttons, and that the pack's
 routes serve only that session's images).
 
-Runs when COMFYUI_PATH names a ComfyUI checkout (COMFYUI_PYTHON: its interpreter, default this one) and
-chromium, chromedriver and selenium are installed; skips otherwise. The server and browser fixtures are
-tests/test_real_host.py's (ComfyUI on a free loopback port, the pack through extra_model_paths.yaml).
+The server and browser fixtures are tests/comfyui_host.py's (ComfyUI on a free loopback port, the pack through
+extra_model_paths.yaml; they skip without COMFYUI_PATH, chromium, chromedriver or selenium).
 """
 from __future__ import annotations
 
@@ -18,18 +17,11 @@ import urllib.request
 
 import pytest
 
-from test_real_host import browser, server  # noqa: F401  (fixtures: the real ComfyUI and chromium on its page)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SESSION = "chat_iterative_refine"
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [
-    pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
-                       reason="set COMFYUI_PATH to a ComfyUI checkout to run the browser test"),
-    pytest.mark.skipif(not (CHROMIUM and shutil.which("chromedriver")),
-                       reason="needs Debian's chromium and chromium-driver"),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 
 def http(url: str):
@@ -53,8 +45,9 @@ return {nodes: nodes.length, turns: nodes.map(turnsOf), titles: nodes.map((n) =>
 """
 
 
-def wait_for(driver, condition, timeout: float, what: str, server=None):
-    """Poll the panels until condition(state); fail early when the queued workflow failed."""
+def wait_for(driver, condition, timeout: float, what: str, server=None, before=()):
+    """Poll the panels until condition(state); fail early when the queued workflow (a history entry not in
+    `before`: the server is shared with other tests) failed."""
     deadline = time.time() + timeout
     state = None
     while time.time() < deadline:
@@ -62,8 +55,8 @@ def wait_for(driver, condition, timeout: float, what: str, server=None):
         if condition(state):
             return state
         if server is not None:
-            failed = [h["status"] for h in server.get("/history").values()
-                      if h.get("status", {}).get("status_str") == "error"]
+            failed = [h["status"] for k, h in server.get("/history").items()
+                      if k not in before and h.get("status", {}).get("status_str") == "error"]
             assert not failed, f"the workflow failed: {failed}\n{server.log()[-4000:]}"
         time.sleep(1)
     pytest.fail(f"timed out waiting for {what}; panel state {state}\n{server.log()[-4000:] if server else ''}")
@@ -80,12 +73,13 @@ def test_chat_panel_shows_the_three_turns_of_the_workflow(server, browser):
     assert loaded == "ok"
     state = browser.execute_script(PANEL_STATE)
     assert state["nodes"] == 3 and -1 not in state["turns"]  # a panel on every Chat Turn node
+    before = set(server.get("/history"))
     queued = browser.execute_async_script(
         "const done = arguments[0]; window.app.queuePrompt(0, 1).then(() => done('ok'), (e) => done(String(e)));")
     assert queued == "ok"
 
     # 1) after the run every Chat Turn's panel shows the session's three turns
-    state = wait_for(browser, lambda s: s["turns"] == [3, 3, 3], 420, "three turns in every panel", server)
+    state = wait_for(browser, lambda s: s["turns"] == [3, 3, 3], 420, "three turns in every panel", server, before)
     assert all(f"{SESSION} (3 turns)" in t for t in state["titles"]) and state["inDocument"] >= 3
     widths = browser.execute_async_script("""
         const done = arguments[0];

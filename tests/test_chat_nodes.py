@@ -8,14 +8,20 @@ import os
 
 import pytest
 import torch
+from ComfyUI_WeGen.nodes import NODE_CLASS_MAPPINGS, host
+from ComfyUI_WeGen.nodes import chat as chat_nodes
+from ComfyUI_WeGen.nodes.loader import WeGenLoader
+from ComfyUI_WeGen.wegen import decoder, sessions
 
 from host_stubs import InterruptProcessingException
-from nodes import NODE_CLASS_MAPPINGS, host
-from nodes import chat as chat_nodes
-from nodes.loader import WeGenLoader
-from wegen import chat, sessions
 
 SMALL = dict(seed=42, steps=2, cfg=2.0, width=64, height=64)
+
+
+@pytest.fixture(scope="session")
+def engine(pack_engine):
+    """The nodes' copy of the engine (ComfyUI_WeGen.wegen): the one their loader caches."""
+    return pack_engine
 
 
 def folder_state(path) -> dict:
@@ -86,7 +92,7 @@ def test_three_turns_through_the_nodes(comfy_host, model, root):
     assert ref3.turn_ids == (1, 2, 3)
     session = sessions.load_session(root, "studio")
     assert [t.settings["reference"] for t in session.turns] == ["none", "previous", "previous"]
-    outside = chat.decoder.feather_weight(mask, 4)[0, 0] == 0
+    outside = decoder.feather_weight(mask, 4)[0, 0] == 0
     assert torch.equal(image3[0][outside], session.image(session.turns[1])[0][outside])
     # each stage went through ComfyUI's memory manager and progress bar
     loaded = [[p.model.inner for p in patchers] for patchers, _ in comfy_host.loads]
@@ -188,16 +194,18 @@ def test_route_functions_serve_only_that_sessions_images(comfy_host, model, root
         chat_nodes.api_undo("panel")
 
 
-def test_unloading_the_llm_frees_its_chat_prefix_caches(engine):
-    """ComfyUI's ON_DETACH for engine.mllm ("Unload models", eviction) clears the prefix KV caches of that engine."""
+def test_unloading_the_llm_frees_its_prefix_cache(comfy_host, model, engine, root):
+    """ComfyUI's "Unload models" detaches each module's ModelPatcher; the host's ON_DETACH callback calls
+    engine.release(name), which clears the engine's prompt-prefix cache with the LLM (and only with it)."""
     from transformers import DynamicCache
 
-    prefixes = chat.engine_prefix_cache(engine)
-    prefixes.clear()  # earlier tests' turns may have left entries
+    ref = chat_nodes.WeGenChatMemory().open("unload")[0]
+    turn(model, ref, "a red fox")  # the LLM and the decoder go through ModelPatchers
+    assert len(engine.prefix_cache) >= 1
     kv = DynamicCache()
     kv.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
-    prefixes.store([1, 2, 3, 4], {}, kv)
-    host.release_device_state(engine, "unet", engine.unet)
-    assert len(prefixes) == 1  # other modules leave the LLM's caches alone
-    host.release_device_state(engine, "mllm", engine.mllm)
-    assert len(prefixes) == 0 and prefixes.nbytes == 0
+    engine.prefix_cache.store([1, 2, 3, 4], {}, kv)
+    host.release_device_state(engine, "unet")
+    assert len(engine.prefix_cache) >= 2  # other modules leave the LLM's caches alone
+    comfy_host.modules["comfy.model_management"].unload_all_models()  # the "Unload models" button
+    assert len(engine.prefix_cache) == 0 and engine.prefix_cache.nbytes == 0

@@ -58,6 +58,7 @@ def _generate(capsys, ckpt, out, *extra):
     (["--steps", "0"], "steps must be an integer in 1..1000"),
     (["--steps", "1001"], "steps must be an integer in 1..1000"),
     (["--cfg", "-1"], "cfg (guidance_scale) must be >= 0"),
+    (["--seed", "-1"], "--seed must be an integer in 0..2**64-1, got -1"),
     (["--image", "/nonexistent/ref.png"], "image not found"),
 ])
 def test_bad_generation_inputs_exit_2(capsys, tiny_ckpt, tmp_path, extra, message):
@@ -118,6 +119,7 @@ def test_unknown_command_and_missing_argument_exit_2(capsys):
     assert code == 2 and "--checkpoint" in err and err.count("\n") == 1
 
 
+@pytest.mark.integration
 def test_module_entry_point_exit_codes(tmp_path):
     """The real `python -m wegen` process: exit 2 and one stderr line for a missing checkpoint."""
     proc = subprocess.run([sys.executable, "-m", "wegen", "understand", "--checkpoint", str(tmp_path / "none"),

@@ -139,9 +139,9 @@ def test_preprocess_resizes_to_448_and_normalises():
 
 def test_same_seed_same_image_other_seed_other_image(engine):
     cond = engine.encode("a fox")
-    a = engine.decode(cond, seed=7, steps=3, width=64, height=64)
-    b = engine.decode(cond, seed=7, steps=3, width=64, height=64)
-    c = engine.decode(cond, seed=8, steps=3, width=64, height=64)
+    a = engine.decode_pixels(cond, seed=7, steps=3, width=64, height=64)
+    b = engine.decode_pixels(cond, seed=7, steps=3, width=64, height=64)
+    c = engine.decode_pixels(cond, seed=8, steps=3, width=64, height=64)
     assert a.shape == (1, 64, 64, 3) and a.dtype == torch.float32
     assert 0 <= float(a.min()) and float(a.max()) <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -149,11 +149,11 @@ def test_same_seed_same_image_other_seed_other_image(engine):
 
 def test_decode_batch_equals_singles_and_cfg_changes_output(engine):
     feats = torch.randn(2, 64, 112, generator=torch.Generator().manual_seed(0))
-    batch = engine.decode(feats, seed=[3, 9], steps=2, cfg=4.0, width=64, height=48)
-    one = engine.decode(feats[1:], seed=9, steps=2, cfg=4.0, width=64, height=48)
+    batch = engine.decode_pixels(feats, seed=[3, 9], steps=2, cfg=4.0, width=64, height=48)
+    one = engine.decode_pixels(feats[1:], seed=9, steps=2, cfg=4.0, width=64, height=48)
     assert batch.shape == (2, 48, 64, 3)
     torch.testing.assert_close(batch[1:], one, rtol=0, atol=1e-5)
-    no_cfg = engine.decode(feats[1:], seed=9, steps=2, cfg=1.0, width=64, height=48)
+    no_cfg = engine.decode_pixels(feats[1:], seed=9, steps=2, cfg=1.0, width=64, height=48)
     assert not torch.allclose(one, no_cfg)
 
 
@@ -210,17 +210,17 @@ def test_bad_engine_inputs(engine):
     with pytest.raises(ValueError, match="top_p"):
         engine.encode("x", top_p=0)
     with pytest.raises(ValueError, match="features must be"):
-        engine.decode(torch.zeros(1, 10, 112))
+        engine.decode_pixels(torch.zeros(1, 10, 112))
     with pytest.raises(ValueError, match="width must be a positive multiple of 8"):
-        engine.decode(torch.zeros(1, 64, 112), width=100, height=64)
+        engine.decode_pixels(torch.zeros(1, 64, 112), width=100, height=64)
     with pytest.raises(ValueError, match="steps must be"):
-        engine.decode(torch.zeros(1, 64, 112), steps=0, width=64, height=64)
+        engine.decode_pixels(torch.zeros(1, 64, 112), steps=0, width=64, height=64)
     with pytest.raises(ValueError, match="mask needs a reference"):
-        engine.decode(torch.zeros(1, 64, 112), mask=torch.ones(1, 64, 64), width=64, height=64, steps=1)
+        engine.decode_pixels(torch.zeros(1, 64, 112), mask=torch.ones(1, 64, 64), width=64, height=64, steps=1)
     with pytest.raises(ValueError, match="images must be"):
         engine.encode_images(torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match="seed must be"):
-        engine.decode(torch.zeros(1, 64, 112), seed=-1, steps=1, width=64, height=64)
+        engine.decode_pixels(torch.zeros(1, 64, 112), seed=-1, steps=1, width=64, height=64)
     with pytest.raises(RuntimeError, match="no image"):
         engine.encode("x", force_image=False, max_new_tokens=3)
 
@@ -237,3 +237,47 @@ def test_text_only_mode_bans_the_whole_image_block(engine):
                          mllm.DecodeSettings(max_new_tokens=30, temperature=5.0, allow_image=False), 2,
                          [torch.Generator().manual_seed(0)])[0]
     assert not set(result.ids) & {ids.start, ids.end, *ids.slots}
+
+
+# The public engine API (README "Engine API") ----------------------------------------------------------
+
+def test_generate_tokens_and_reply_text_are_what_encode_and_understand_run(engine):
+    ids = _ids(engine, "a fox")
+    settings = mllm.DecodeSettings(max_new_tokens=512)
+    row = engine.generate_tokens([ids], [None], settings, [0])[0]
+    cond = engine.encode("a fox")
+    assert torch.equal(row.features.float().cpu(), cond.features[0])
+    assert engine.reply_text(row.ids) == cond.texts[0]
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+    turns = [prompting.Turn(user="what is it?", user_images=1)]
+    q = prompting.prompt_ids(engine.tokenizer, turns, engine.mllm_cfg.n_query, "chat")
+    text = mllm.DecodeSettings(max_new_tokens=6, allow_image=False)
+    row = engine.generate_tokens([q], [engine.encode_images(image)], text, [0])[0]
+    assert engine.reply_text(row.ids) == engine.understand(image, "what is it?", max_new_tokens=6)
+
+
+def test_release_frees_the_prefix_cache_with_the_llm_only(engine):
+    from transformers import DynamicCache
+
+    kv = DynamicCache()
+    kv.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
+    engine.prefix_cache.store([1, 2, 3, 4], {}, kv)
+    engine.release("unet", "vae", "eva")
+    assert len(engine.prefix_cache) >= 1
+    engine.release()  # everything
+    assert len(engine.prefix_cache) == 0 and engine.prefix_cache.nbytes == 0
+    with pytest.raises(ValueError, match=r"release takes module names among .*got \['llm'\]"):
+        engine.release("llm")
+    cond = engine.encode("a fox")  # what was freed is rebuilt on use; the results do not change
+    torch.testing.assert_close(cond.features, engine.encode("a fox").features, rtol=0, atol=0)
+
+
+def test_one_seed_wraps_past_the_last_seed_like_the_nodes(engine):
+    from wegen import rules
+
+    feats = torch.randn(2, 64, 112, generator=torch.Generator().manual_seed(0))
+    wrapped = engine.decode_pixels(feats, seed=rules.MAX_SEED, steps=1, width=64, height=64)
+    explicit = engine.decode_pixels(feats, seed=[rules.MAX_SEED, 0], steps=1, width=64, height=64)
+    assert torch.equal(wrapped, explicit)
+    with pytest.raises(ValueError, match=r"seed must be an integer in 0\.\.2\*\*64-1, got 18446744073709551616"):
+        engine.decode_pixels(feats[:1], seed=[rules.MAX_SEED + 1], steps=1, width=64, height=64)

@@ -13,7 +13,6 @@ from wegen import decoder, fastdecode, fastpath, loading, mllm, prompting
 from wegen import engine as engine_mod
 from wegen.engine import WeGenEngine
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -490,8 +489,8 @@ def fresh_engine(tiny_ckpt):
 
 def test_eva_is_not_built_without_images(fresh_engine):
     fresh_engine.encode("a fox")
-    fresh_engine.decode(fresh_engine.encode("a fox"), steps=1, width=64, height=64)
-    assert fresh_engine._eva is None
+    fresh_engine.decode_pixels(fresh_engine.encode("a fox"), steps=1, width=64, height=64)
+    assert not fresh_engine.eva_built
 
 
 def test_phase_offload_keeps_only_the_running_stage_on_the_device(fresh_engine, monkeypatch):
@@ -515,11 +514,11 @@ def test_phase_offload_keeps_only_the_running_stage_on_the_device(fresh_engine, 
     monkeypatch.setattr(e, "offload", "phase")
     seen = {}
     cond = e.encode("a fox", callback=lambda d: seen.setdefault("tokens", dict(where)))
-    e.decode(cond, steps=1, width=64, height=64, callback=lambda d: seen.setdefault("denoise", dict(where)))
+    e.decode_pixels(cond, steps=1, width=64, height=64, callback=lambda d: seen.setdefault("denoise", dict(where)))
     assert seen["tokens"] == {"mllm": "device", "unet": "cpu", "vae": "cpu"}
     assert seen["denoise"] == {"mllm": "cpu", "unet": "device", "vae": "device"}
     assert where == {"mllm": "cpu", "unet": "device", "vae": "device"}  # the last stage stays until the next
-    assert e._eva is None
+    assert not e.eva_built
 
 
 def test_offload_policy_errors(fresh_engine, tiny_ckpt):

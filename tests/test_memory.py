@@ -18,7 +18,7 @@ def _turn(e):
     """Features (with an input image, so EVA runs) and pixels of one turn."""
     image = torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(0))
     cond = e.encode(PROMPT, images=image)
-    return cond.features, e.decode(cond, seed=3, steps=3, width=64, height=64)
+    return cond.features, e.decode_pixels(cond, seed=3, steps=3, width=64, height=64)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +137,8 @@ def test_device_bytes_at_official_dimensions(table):
 # Loader node and CLI -----------------------------------------------------------------------------------------
 
 def test_loader_appends_preset_offload_weight_dtype(comfy_host):
-    from nodes import host
-    from nodes.loader import WeGenLoader
+    from ComfyUI_WeGen.nodes import host
+    from ComfyUI_WeGen.nodes.loader import WeGenLoader
 
     spec = WeGenLoader.INPUT_TYPES()
     assert list(spec["required"]) == ["checkpoint", "dtype", "device"]  # saved workflows are positional

@@ -8,16 +8,22 @@ import os
 
 import pytest
 import torch
+from ComfyUI_WeGen.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
+from ComfyUI_WeGen.nodes.decode import WeGenConsistencyDecode, WeGenReconstruct
+from ComfyUI_WeGen.nodes.encode import WeGenMLLMEncode
+from ComfyUI_WeGen.nodes.loader import WeGenLoader
+from ComfyUI_WeGen.nodes.understand import WeGenUnderstand
 
 from host_stubs import InterruptProcessingException
-from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
-from nodes.decode import WeGenConsistencyDecode, WeGenReconstruct
-from nodes.encode import WeGenMLLMEncode
-from nodes.loader import WeGenLoader
-from nodes.understand import WeGenUnderstand
 
 SMALL = dict(steps=2, cfg=2.0, width=64, height=64)
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+@pytest.fixture(scope="session")
+def engine(pack_engine):
+    """The nodes' copy of the engine (ComfyUI_WeGen.wegen): the one their loader caches."""
+    return pack_engine
 
 
 @pytest.fixture
@@ -120,7 +126,7 @@ def test_loader_lists_checkpoint_folders(comfy_host, tmp_path, tiny_ckpt):
 
 
 def test_loader_finds_the_bundled_checkpoint_by_name(comfy_host):
-    from wegen.loading import BUNDLED_DIR
+    from ComfyUI_WeGen.wegen.loading import BUNDLED_DIR
 
     assert host.find_checkpoint("wegen-toy") == os.path.join(BUNDLED_DIR, "wegen-toy")
     model = WeGenLoader().load("wegen-toy", "fp32", "cpu")[0]
@@ -349,8 +355,9 @@ def test_progress_bars_over_tokens_and_steps_with_previews(comfy_host, model, co
 
 
 def test_no_previews_when_the_host_turns_them_off(monkeypatch, tiny_ckpt, model, cond):
-    import host_stubs
     import os
+
+    import host_stubs
 
     stub = host_stubs.install(monkeypatch, os.path.dirname(os.path.dirname(model.checkpoint)), preview_method="none")
     WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)
@@ -398,8 +405,9 @@ def test_stages_load_their_modules_through_comfy(comfy_host, cond, engine):
     assert [p.model.inner for p in understand_patchers] == [engine.eva, engine.mllm]
     assert decode_kw["force_full_load"] and understand_kw["force_full_load"]
     assert str(decode_patchers[0].load_device) == "cpu" and str(decode_patchers[0].offload_device) == "cpu"
+    detached = [p.detached for p in decode_patchers + understand_patchers]  # patchers live as long as the engine
     comfy_host.modules["comfy.model_management"].unload_all_models()  # the "Unload models" button
-    assert all(p.detached == 1 for p in decode_patchers + understand_patchers)
+    assert [p.detached for p in decode_patchers + understand_patchers] == [n + 1 for n in detached]
     WeGenConsistencyDecode().decode(model, cond, seed=0, **SMALL)  # loads again, same patchers
     assert comfy_host.loads[-1][0] == decode_patchers
 
@@ -455,6 +463,7 @@ def test_latent_preview_picture():
     assert host.latent_rgb(torch.randn(1, 16, 6, 6)).size == (6, 6)  # non-SDXL latents: channels 0..2
 
 
+@pytest.mark.integration
 def test_pack_imports_the_way_comfyui_loads_it(tmp_path):
     """ComfyUI imports the pack under its absolute path as module name: relative imports only, nothing heavy."""
     import os
@@ -472,7 +481,8 @@ def test_pack_imports_the_way_comfyui_loads_it(tmp_path):
         "sys.modules[name] = pack\n"
         "spec.loader.exec_module(pack)\n"
         "assert not {'torch', 'transformers', 'diffusers'} & set(sys.modules), 'heavy import at pack import'\n"
-        "assert sys.modules[name + '.nodes.host'].wegen('loading').__name__ == name + '.wegen.loading'\n"
+        "assert sys.modules[name + '.nodes.host'].bundled_checkpoints()  # reaches the engine's loading module\n"
+        "assert name + '.wegen.loading' in sys.modules, 'the pack reaches its own engine copy'\n"
         "assert 'wegen' not in sys.modules and 'nodes' not in sys.modules\n"
         "print(','.join(sorted(pack.NODE_CLASS_MAPPINGS)), pack.WEB_DIRECTORY)\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -481,11 +491,34 @@ def test_pack_imports_the_way_comfyui_loads_it(tmp_path):
     assert set(NODE_CLASS_MAPPINGS) == set(out.stdout.split()[0].split(","))
 
 
+def test_the_import_graph_is_honest():
+    """nodes/ reach the engine by relative imports (no module look-ups by name); wegen/ never imports the nodes
+    (inside ComfyUI a top-level `nodes` is ComfyUI's own nodes.py) nor reaches above its package."""
+    import ast
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in glob.glob(os.path.join(root, "nodes", "*.py")):
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__"):
+                assert node.args and isinstance(node.args[0], ast.Constant), f"{path}: a module name built at run time"
+                assert "wegen" not in node.args[0].value and "." != node.args[0].value[:1], path
+    for path in glob.glob(os.path.join(root, "wegen", "**", "*.py"), recursive=True):
+        depth = os.path.relpath(path, root).count(os.sep)  # wegen/x.py: 1, wegen/train/x.py: 2
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= depth, f"{path}: a relative import above wegen/"
+                names = [node.module or ""] if node.level == 0 else []
+            assert not [n for n in names if n == "nodes" or n.startswith("nodes.")], f"{path} imports the nodes"
+
+
 # The checkpoint's recommended settings (0 / -1 / "checkpoint" widget values) ------------------------------
 
 def test_decode_widget_defaults_leave_the_settings_to_the_checkpoint():
-    from nodes.chat import WeGenChatTurn
-    from nodes.sweep import WeGenDiversitySweep
+    from ComfyUI_WeGen.nodes.chat import WeGenChatTurn
+    from ComfyUI_WeGen.nodes.sweep import WeGenDiversitySweep
 
     for cls in (WeGenConsistencyDecode, WeGenReconstruct, WeGenChatTurn, WeGenDiversitySweep):
         req = cls.INPUT_TYPES()["required"]
@@ -499,7 +532,7 @@ def test_decode_widget_defaults_leave_the_settings_to_the_checkpoint():
 
 
 def test_release_settings_for_a_checkpoint_without_a_recommendation(engine):
-    from nodes import convert
+    from ComfyUI_WeGen.nodes import convert
 
     size = engine.decoder_cfg.default_size
     assert convert.decode_settings(engine, 0, -1.0, 0, 0) == {"steps": 50, "cfg": 2.0, "width": size, "height": size}
@@ -514,7 +547,7 @@ def toy(comfy_host):
 
 
 def test_toy_defaults_follow_its_recommendation(comfy_host, toy):
-    from wegen.loading import recommended_settings
+    from ComfyUI_WeGen.wegen.loading import recommended_settings
 
     rec = recommended_settings("wegen-toy")
     assert host.load_engine(toy).recommended == rec
@@ -534,10 +567,10 @@ def test_toy_defaults_follow_its_recommendation(comfy_host, toy):
 
 
 def test_chat_turn_and_sweep_use_the_recommended_feature_slice(comfy_host, toy):
-    from nodes.chat import WeGenChatMemory, WeGenChatTurn
-    from nodes.sweep import WeGenDiversitySweep
-    from wegen import sessions
-    from wegen.loading import recommended_settings
+    from ComfyUI_WeGen.nodes.chat import WeGenChatMemory, WeGenChatTurn
+    from ComfyUI_WeGen.nodes.sweep import WeGenDiversitySweep
+    from ComfyUI_WeGen.wegen import sessions
+    from ComfyUI_WeGen.wegen.loading import recommended_settings
 
     rec = recommended_settings("wegen-toy")
     (chat,) = WeGenChatMemory().open("toy", "reset")

@@ -53,8 +53,8 @@ def test_release_engine_draws_noise_on_its_device_in_its_dtype(release, engine, 
 
     monkeypatch.setattr(decoder, "initial_noise", spy)
     feats = torch.randn(1, 64, release.mllm_cfg.feature_dim, generator=torch.Generator().manual_seed(0))
-    a = release.decode(feats, seed=5, steps=2, width=64, height=64)
-    b = engine.decode(feats, seed=5, steps=2, width=64, height=64)
+    a = release.decode_pixels(feats, seed=5, steps=2, width=64, height=64)
+    b = engine.decode_pixels(feats, seed=5, steps=2, width=64, height=64)
     assert seen == [("device", "cpu", torch.float32), ("cpu", "cpu", torch.float32)]
     assert torch.equal(a, b)  # on the CPU in fp32 both draws are the same numbers
 
@@ -91,7 +91,7 @@ def test_release_token_budget_counts_every_generated_token(release, force_image,
                                force_image=force_image)
     settings = mllm.DecodeSettings(max_new_tokens=budget, stop_after_image=False)
     with torch.inference_mode():
-        got = release._decode([ids], [None], settings, [0], None)[0]
+        got = release.generate_tokens([ids], [None], settings, [0], None)[0]
         want = release_greedy(release.mllm, ids, release.image_ids, release.tokenizer.eos_id, budget)
     assert got.ids == want
     assert len(want) <= budget and (len(want) == budget or want[-1] == release.tokenizer.eos_id)

@@ -15,6 +15,7 @@ from PIL import Image
 from wegen import sweep as sw
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.integration  # a local Ray cluster: worker processes
 
 PROMPTS = ["a cat", "a red bicycle on a long road at dusk"]
 SEEDS = [5, 9]

@@ -35,13 +35,13 @@ def test_k_distinct_nonempty_capped(engine):
 
 def test_all_k_in_one_batched_decode(engine, monkeypatch):
     calls = []
-    real = engine._decode
+    real = engine.generate_tokens
 
     def spy(rows_ids, rows_features, settings, seeds, callback):
         calls.append((len(rows_ids), list(seeds), settings.allow_image, settings.temperature))
         return real(rows_ids, rows_features, settings, seeds, callback)
 
-    monkeypatch.setattr(engine, "_decode", spy)
+    monkeypatch.setattr(engine, "generate_tokens", spy)
     r = _rewrite(engine, n=4, seed=100, temperature=1.5, top_p=0.9)
     assert calls[0] == (4, [100, 101, 102, 103], False, 1.5)
     assert len(calls) == r.rounds
@@ -55,7 +55,7 @@ def test_keep_original_is_first_and_distinct(engine):
 
 
 def _scripted(engine, monkeypatch, rounds):
-    """engine._decode returns scripted replies (one list per round); records the seeds asked for."""
+    """engine.generate_tokens returns scripted replies (one list per round); records the seeds asked for."""
     asked = []
     replies = iter(rounds)
 
@@ -71,8 +71,8 @@ def _scripted(engine, monkeypatch, rounds):
             r.ids = [t]
         return results
 
-    monkeypatch.setattr(engine, "_decode", decode)
-    monkeypatch.setattr(engine, "_reply_text", lambda ids: ids[0])
+    monkeypatch.setattr(engine, "generate_tokens", decode)
+    monkeypatch.setattr(engine, "reply_text", lambda ids: ids[0])
     return asked
 
 
@@ -105,13 +105,13 @@ def test_finalize_cleans_and_caps():
 def test_template_is_editable_and_braces_are_kept(engine, monkeypatch):
     assert rewrite.build_request("Make {prompt} grand {style}", " a {b} ") == "Make a {b} grand {style}"
     seen = []
-    real = engine._decode
+    real = engine.generate_tokens
 
     def spy(rows_ids, *args):
         seen.append(engine.tokenizer.decode(rows_ids[0]))
         return real(rows_ids, *args)
 
-    monkeypatch.setattr(engine, "_decode", spy)
+    monkeypatch.setattr(engine, "generate_tokens", spy)
     _rewrite(engine, "a lighthouse", n=1, template="Describe {prompt} as an oil painting.")
     assert "Describe a lighthouse as an oil painting." in seen[0] and "[INST]" in seen[0]
 
@@ -132,7 +132,7 @@ def test_template_is_editable_and_braces_are_kept(engine, monkeypatch):
     (dict(prompt="  "), r"prompt must be a non-empty string"),
 ])
 def test_bad_inputs_fail_before_any_decode(engine, monkeypatch, kw, match):
-    monkeypatch.setattr(engine, "_decode", _never)
+    monkeypatch.setattr(engine, "generate_tokens", _never)
     args = dict(prompt="a cat", n=2)
     args.update(kw)
     with pytest.raises(ValueError, match=match):

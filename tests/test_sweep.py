@@ -46,7 +46,7 @@ def test_batched_equals_sequential(engine, one_batch):
         single = engine.encode(prompt, seed=FAST.encode_seed + k).features[0]
         assert (single - one_batch.features[k]).abs().max() < 1e-5
         for s, seed in enumerate(SEEDS):
-            image = engine.decode(single[None], seed=seed, steps=2, width=64, height=64)[0]
+            image = engine.decode_pixels(single[None], seed=seed, steps=2, width=64, height=64)[0]
             assert (image - one_batch.images[k * 2 + s]).abs().max() < 1e-4
 
 
@@ -193,7 +193,7 @@ def test_parse_seeds_errors(text, match):
     (["ok"], [1], sw.SweepSettings(steps=2, max_batch=0), "max_batch must be a positive"),
 ])
 def test_bad_sweep_inputs(engine, prompts, seeds, settings, match, monkeypatch):
-    monkeypatch.setattr(engine, "decode", _never)
+    monkeypatch.setattr(engine, "decode_pixels", _never)
     with pytest.raises(ValueError, match=match):
         sw.sweep(engine, prompts, seeds, settings)
 
@@ -298,29 +298,30 @@ def test_cli_sweep_ray_missing_is_a_clear_error(tiny_ckpt, tmp_path, capsys, mon
 
 @pytest.fixture
 def model(comfy_host):
-    from nodes.loader import WeGenLoader
+    from ComfyUI_WeGen.nodes.loader import WeGenLoader
 
     return WeGenLoader().load("tiny", "fp32", "cpu")[0]
 
 
-def test_rewrite_node_outputs_a_string_list(engine, model, comfy_host):
-    from nodes.sweep import WeGenPromptSelfRewrite
-    from wegen.rewrite import DEFAULT_TEMPLATE, rewrite_prompt
+def test_rewrite_node_outputs_a_string_list(pack_engine, model, comfy_host):
+    from ComfyUI_WeGen.nodes.sweep import WeGenPromptSelfRewrite
+    from ComfyUI_WeGen.wegen.rewrite import DEFAULT_TEMPLATE, rewrite_prompt
 
     node = WeGenPromptSelfRewrite
     assert node.OUTPUT_IS_LIST == (True,) and node.RETURN_TYPES == ("STRING",)
     assert node.INPUT_TYPES()["required"]["template"][1]["default"] == DEFAULT_TEMPLATE
     out = node().rewrite(model, "a cat", 3, 4, 0.9, 0.95, 6, 400, False, DEFAULT_TEMPLATE, unique_id="7")
     assert isinstance(out, tuple) and len(out) == 1
-    assert out[0] == rewrite_prompt(engine, "a cat", 3, seed=4, max_new_tokens=6).prompts
+    assert out[0] == rewrite_prompt(pack_engine, "a cat", 3, seed=4, max_new_tokens=6).prompts
     assert comfy_host.texts[-1][0] == "7" and comfy_host.texts[-1][1].startswith("1. ")
     with pytest.raises(ValueError, match="temperature must be a number >= 0"):
         node().rewrite(model, "a cat", 3, 4, -1.0, 0.95, 6, 400, False, DEFAULT_TEMPLATE)
 
 
-def test_sweep_node_returns_batch_list_and_sheet_and_saves_the_folder(engine, model, comfy_host):
-    from nodes import host as node_host
-    from nodes.sweep import WeGenDiversitySweep
+def test_sweep_node_returns_batch_list_and_sheet_and_saves_the_folder(pack_engine, model, comfy_host):
+    from ComfyUI_WeGen.nodes import host as node_host
+    from ComfyUI_WeGen.nodes.sweep import WeGenDiversitySweep
+    from ComfyUI_WeGen.wegen import sweep as pack_sw  # the nodes' copy of the engine
 
     node = WeGenDiversitySweep
     assert node.INPUT_IS_LIST and node.OUTPUT_IS_LIST == (False, True, False) and node.OUTPUT_NODE
@@ -334,14 +335,14 @@ def test_sweep_node_returns_batch_list_and_sheet_and_saves_the_folder(engine, mo
     folder = os.path.join(node_host.output_directory(), shown["subfolder"])
     assert all(os.path.isfile(os.path.join(folder, f)) for f in shown["images"] + ["contact_sheet.png", "sweep.json"])
     assert "pixels rms" in comfy_host.texts[-1][1] and comfy_host.updates, "progress reaches the ProgressBar"
-    direct = sw.sweep(engine, ["a cat", "a dog"], [3, 4], sw.SweepSettings(steps=2, width=64, height=64))
+    direct = pack_sw.sweep(pack_engine, ["a cat", "a dog"], [3, 4], pack_sw.SweepSettings(steps=2, width=64, height=64))
     assert torch.equal(images, direct.images)
     again = node().sweep([model], ["x"], [3], [1], [2], [2.0], [64], [64], [4096], [16], ["wegen/sweeps/t"])
     assert again["ui"]["wegen_sweep"][0]["subfolder"] == "wegen/sweeps/t_00002"  # each run: a new folder
 
 
 def test_sweep_node_interrupt_stops_it(model, comfy_host):
-    from nodes.sweep import WeGenDiversitySweep
+    from ComfyUI_WeGen.nodes.sweep import WeGenDiversitySweep
 
     comfy_host.interrupt_at_update = 3
     with pytest.raises(InterruptProcessingException):
@@ -357,9 +358,10 @@ def test_sweep_node_interrupt_stops_it(model, comfy_host):
     (dict(width=[60]), "width must be a positive multiple of 8"),
 ])
 def test_sweep_node_bad_inputs(model, comfy_host, change, match, monkeypatch):
-    from nodes.sweep import WeGenDiversitySweep
+    from ComfyUI_WeGen.nodes.sweep import WeGenDiversitySweep
+    from ComfyUI_WeGen.wegen import sweep as pack_sw
 
-    monkeypatch.setattr(sw, "sweep", _never)
+    monkeypatch.setattr(pack_sw, "sweep", _never)
     kwargs = dict(model=[model], prompts=["a cat"], seed=[3], seeds=[2], steps=[2], cfg=[2.0], width=[64],
                   height=[64], memory_budget_mb=[4096], max_batch=[16], save_to=["wegen/sweeps/b"])
     kwargs.update(change)

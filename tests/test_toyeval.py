@@ -290,6 +290,7 @@ def test_eval_runs_end_to_end_on_a_tiny_checkpoint(tiny_converted, tmp_path, cap
     assert "t2i.all_five" in out and all(v >= 0 for v in result["seconds"].values())
 
 
+@pytest.mark.integration
 @pytest.mark.toy_eval
 def test_shipped_toy_checkpoint_meets_its_floors(tmp_path, capsys, one_thread):
     if not os.path.isfile(os.path.join(SHIPPED, loading.CONVERTED_CONFIG)):

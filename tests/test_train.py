@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wegen import diic, loading
-from wegen import toydata
+from wegen import diic, loading, toydata
 from wegen import toyworld as W
 from wegen.prompting import GENERATE_PREFIX, IMG_END, IMG_START, WeGenTokenizer, image_slot_positions, img_slot_token
 from wegen.train import common, export, stage1, stage2, tower
@@ -131,6 +130,7 @@ def test_every_stage_ran_and_saved(toy):
     assert torch.load(os.path.join(toy.out, "stage2.pt"), weights_only=False)["extra"]["feature_std"] > 0
 
 
+@pytest.mark.integration
 def test_tower_loss_falls(tmp_path):
     with recording() as log:
         tower.train_tower(str(tmp_path), 12, SEED, batch=16, lr=3e-2)
@@ -147,6 +147,7 @@ def _vae_error(path, x):
         return F.l1_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
 
 
+@pytest.mark.integration
 def test_vae_reconstruction_improves(tmp_path, one_thread):
     rng = random.Random(1)
     x = toydata.to_pixels(toydata.render_batch([W.random_scene(rng) for _ in range(8)])).permute(0, 3, 1, 2) * 2 - 1
@@ -157,6 +158,7 @@ def test_vae_reconstruction_improves(tmp_path, one_thread):
     assert after < before - 0.02, (before, after)
 
 
+@pytest.mark.integration
 def test_unet_learns_the_clean_latents(toy, tmp_path):
     """Stage 1's prediction target is the clean latent (prediction_type "sample"): the error on a fixed batch falls."""
     out = _linked(toy, tmp_path / "w", ["bank.pt", "latents.pt"])
@@ -184,6 +186,7 @@ def test_unet_learns_the_clean_latents(toy, tmp_path):
     assert error(path) < 0.5 * before
 
 
+@pytest.mark.integration
 def test_mllm_losses_fall(toy, tmp_path):
     out = _linked(toy, tmp_path / "w", ["tokenizer", "tower.pt", "bank.pt", "diic"])
     tokenizer = WeGenTokenizer(os.path.join(out, "tokenizer"))
@@ -232,6 +235,7 @@ def _same(a, b, where=""):
         assert a == b, where
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", list(STAGE_RUNS))
 def test_resumed_run_is_bit_identical(toy, tmp_path, monkeypatch, stage):
     """6 steps in one go == 4 steps, a kill during step 5 (after the save at 4), then a resumed run to 6.
@@ -358,6 +362,7 @@ def test_export_is_fp16_converted_layout_with_recommended(toy, exported):
     assert loading.recommended_settings(exported) == {**loading.RELEASE_SETTINGS, **RECOMMENDED}
 
 
+@pytest.mark.integration
 def test_engine_loads_the_export_and_runs_every_path(toy, exported, one_thread):
     from wegen.engine import WeGenEngine
 
@@ -412,6 +417,7 @@ def test_train_toy_cli_bad_arguments_exit_2(capsys, tmp_path):
     assert "--steps takes STAGE=N, got 'tower=many'" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_train_toy_skips_done_stages_and_exports(toy, tmp_path):
     from wegen.train.run import train_toy
 
@@ -570,7 +576,7 @@ def capture(engine, monkeypatch):
 
     def prompt(fn):
         with monkeypatch.context() as mp:
-            mp.setattr(engine, "_decode", fake_decode)
+            mp.setattr(engine, "generate_tokens", fake_decode)
             with pytest.raises(_Captured) as e:
                 fn()
         return e.value.ids
@@ -658,7 +664,7 @@ def _chain(sequence, seed, **kw):
 
 def test_edit_chains_follow_the_mined_sequences(sequences):
     kinds = set()
-    for k, seq in enumerate(sequences):
+    for seq in sequences:
         assert len(seq["labels"]) == len(seq["images"]) == len(seq["instructions"]) + 1
         for seed in range(6):
             conv, real_ids = _chain(seq, seed)

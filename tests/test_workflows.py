@@ -1,5 +1,6 @@
 """The bundled workflows: UI files well formed and twins of tests/workflows/*.api.json; every API workflow run
-through the node classes in dependency order (stand-in host); the headless runner's rules and errors; the demo."""
+through the node classes in dependency order (stand-in host); the headless runner's rules and errors; the demo
+(`python demo.py`). The converter itself (Reroute, PrimitiveNode, bypass, mute) is tested in test_workflow.py."""
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,8 @@ import re
 
 import pytest
 import torch
-
-from nodes import NODE_CLASS_MAPPINGS, headless
+from ComfyUI_WeGen.nodes import NODE_CLASS_MAPPINGS, headless
+from ComfyUI_WeGen.wegen import workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "workflows", "*.json")))
@@ -41,7 +42,7 @@ def test_ui_workflow_is_well_formed(comfy_host, name):
     nodes = {n["id"]: n for n in wf["nodes"]}
     assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] >= max(nodes)
     assert wf["last_link_id"] >= max(link[0] for link in wf["links"])
-    allowed = set(NODE_CLASS_MAPPINGS) | set(headless.CORE_STANDINS) | headless.FRONTEND_ONLY_NODES
+    allowed = set(NODE_CLASS_MAPPINGS) | set(headless.CORE_STANDINS) | workflow.VIRTUAL_NODES
     assert {n["type"] for n in wf["nodes"]} <= allowed  # WeGen and core nodes only
     for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
         out = nodes[src]["outputs"][src_slot]
@@ -51,7 +52,7 @@ def test_ui_workflow_is_well_formed(comfy_host, name):
     linked = {slot["link"] for n in wf["nodes"] for slot in n.get("inputs", []) if slot.get("link") is not None}
     assert linked == {link[0] for link in wf["links"]}
     for n in wf["nodes"]:
-        if n["type"] not in headless.FRONTEND_ONLY_NODES:
+        if n["type"] not in workflow.VIRTUAL_NODES:
             assert n["properties"]["Node name for S&R"] == n["type"] and n["mode"] == 0
 
 
@@ -128,11 +129,14 @@ def test_workflows_saved_before_the_loaders_appended_widgets_still_convert(comfy
 
 
 def test_seed_widgets_get_a_control_value_like_the_frontend():
-    widgets = dict(headless.widgets(NODE_CLASS_MAPPINGS["WeGenConsistencyDecode"]))
+    info = workflow.object_info(NODE_CLASS_MAPPINGS)
+    widgets = {name: control for name, control, _ in workflow.widgets(info["WeGenConsistencyDecode"])}
     assert widgets["seed"] is True and widgets["steps"] is False
-    assert dict(headless.widgets(NODE_CLASS_MAPPINGS["WeGenMLLMEncode"]))["seed"] is False  # explicit False wins
+    encode = {name: control for name, control, _ in workflow.widgets(info["WeGenMLLMEncode"])}
+    assert encode["seed"] is False  # explicit False wins
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_through_the_node_classes(comfy_host, tmp_path, name):
     prompt = api(name)
@@ -256,8 +260,9 @@ def test_core_standins(tmp_path):
 
 # The demo: the product's main job ------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_demo_runs_the_bundled_workflows_on_the_toy_and_judges_them(tmp_path):
-    from wegen.demo import run_demo
+    from ComfyUI_WeGen.nodes.demo import run_demo
 
     out = tmp_path / "demo"
     assert run_demo(out_dir=str(out), steps=2) == str(out / "index.html")  # on wegen-toy by default
@@ -285,8 +290,9 @@ def test_demo_runs_the_bundled_workflows_on_the_toy_and_judges_them(tmp_path):
     assert index.count("asked attributes right") >= len([it for it in judged if it["of"]])
 
 
+@pytest.mark.integration
 def test_demo_on_another_checkpoint(tmp_path, tiny_ckpt):
-    from wegen.demo import run_demo
+    from ComfyUI_WeGen.nodes.demo import run_demo
 
     out = tmp_path / "demo"
     run_demo(tiny_ckpt, str(out), steps=1)
@@ -295,17 +301,21 @@ def test_demo_on_another_checkpoint(tmp_path, tiny_ckpt):
 
 
 def test_demo_builds_the_tiny_checkpoint_only_when_asked(tmp_path, monkeypatch, capsys):
+    from demo import main
     from wegen import demo, tiny
-    from wegen.cli import main
+    from wegen.cli import main as wegen_main
     from wegen.loading import BUNDLED_DIR, CheckpointError
 
     missing = str(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="--tiny"):
+    with pytest.raises(CheckpointError, match="python demo.py --tiny"):
         demo.ensure_checkpoint(missing)
     assert not os.path.exists(missing)
-    assert main(["demo", "--checkpoint", missing, "--out", str(tmp_path / "o")]) == 2
+    assert main(["--checkpoint", missing, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--tiny" in err and err.count("\n") == 1
+    assert wegen_main(["demo", "--tiny"]) == 2  # the engine's CLI cannot run the nodes: it points to demo.py
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "`python demo.py " in err and err.count("\n") == 1
     built = []
     monkeypatch.setattr(tiny, "make_tiny", lambda folder, seed=0: built.append(folder) or folder)
     assert demo.ensure_checkpoint(missing, make_tiny=True) == missing and built == [missing]

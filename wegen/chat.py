@@ -7,136 +7,26 @@ token ids of the history never change). Past generated images re-enter as image 
 slot embeddings are in_proj(stored features) (reference 3.3, option ii; the default) or
 in_proj(EVA(stored PNG)) (option i, history_features="eva"). Input images keep their EVA features.
 
-The KV cache of each prompt's prefill stays in a byte-bounded LRU (PrefixCache); the next turn
-reuses the longest stored prefix, so it prefills only its new tokens and re-encodes no past image.
+The KV cache of each prompt's prefill stays in the engine's byte-bounded LRU (engine.prefix_cache, see
+prefix_cache.py); the next turn reuses the longest stored prefix, so it prefills only its new tokens and
+re-encodes no past image.
 
 Sessions on disk (folders, the lock, atomic commits) are in sessions.py.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from . import decoder, mllm, prompting
-from .engine import _check_sampling, check_images
+from . import mllm, prompting, rules
+from .engine import check_images
+from .prefix_cache import PrefixCache, block_digests
 from .sessions import ChatSession, SessionError, TurnRecord, commit_turn, load_session, session_lock, turn_files
 
-HISTORY_FEATURES = ("stored", "eva")  # how past generated images re-enter the prompt
+HISTORY_FEATURES = rules.HISTORY_FEATURES  # how past generated images re-enter the prompt
 REFERENCES = ("previous", "auto")  # named decoder references (besides None and an image tensor)
-DEFAULT_PREFIX_CACHE_BYTES = 1 << 30  # 1 GiB: ~2000 tokens of Llama-2-7B KV in bf16
-
-
-# Prefix reuse: an LRU of prompt KV caches bounded in bytes ---------------------------------------
-
-def cache_nbytes(cache) -> int:
-    """Bytes of a transformers KV cache's key/value tensors (5.x `layers`, 4.x `key_cache`/`value_cache`)."""
-    tensors = []
-    for layer in getattr(cache, "layers", None) or []:
-        tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
-    tensors += list(getattr(cache, "key_cache", None) or []) + list(getattr(cache, "value_cache", None) or [])
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def block_digests(ids: list[int], features: torch.Tensor | None, image_ids) -> dict:
-    """{slot start position: sha256 of that block's (64, C) float32 features} for a prompt."""
-    starts = prompting.image_slot_positions(ids, image_ids)
-    if not starts:
-        return {}
-    f = features.detach().float().cpu().contiguous()
-    return {s: hashlib.sha256(f[i].numpy().tobytes()).hexdigest() for i, s in enumerate(starts)}
-
-
-@dataclass
-class _Entry:
-    ids: tuple
-    blocks: dict
-    cache: object
-    nbytes: int
-
-
-class PrefixCache:
-    """Prompt KV caches keyed by token ids + image-block digests; lookup finds the longest shared prefix."""
-
-    def __init__(self, max_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
-        if not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self):
-        return len(self._entries)
-
-    def clear(self):
-        with self._lock:
-            self._entries.clear()
-            self.nbytes = 0
-
-    @staticmethod
-    def shared_length(entry: _Entry, ids, blocks: dict) -> int:
-        """Tokens of `ids` whose KV `entry` holds: equal ids, and equal features for every block started inside."""
-        n, limit = 0, min(len(entry.ids), len(ids))
-        while n < limit and entry.ids[n] == ids[n]:
-            n += 1
-        for start in set(entry.blocks) | set(blocks):
-            if start < n and entry.blocks.get(start) != blocks.get(start):
-                n = start
-        return n
-
-    def lookup(self, ids, blocks: dict) -> mllm.Prefix | None:
-        """The longest stored prefix of `ids` (at most len(ids) - 1 tokens: one must stay to prefill)."""
-        ids = tuple(ids)
-        with self._lock:
-            best, best_len = None, 0
-            for key, entry in self._entries.items():
-                n = min(self.shared_length(entry, ids, blocks), len(ids) - 1)
-                if n > best_len:
-                    best, best_len = key, n
-            if best is None:
-                return None
-            self._entries.move_to_end(best)
-            return mllm.Prefix(self._entries[best].cache, best_len)
-
-    def store(self, ids, blocks: dict, cache):
-        """Keep the prompt cache of `ids`; drops entries it contains, then the least recently used over budget."""
-        entry = _Entry(tuple(ids), dict(blocks), cache, cache_nbytes(cache))
-        if entry.nbytes > self.max_bytes:
-            return
-        key = (entry.ids, tuple(sorted(entry.blocks.items())))
-        with self._lock:
-            contained = [k for k, e in self._entries.items()
-                         if self.shared_length(e, entry.ids, entry.blocks) == len(e.ids)]
-            for k in contained:
-                self.nbytes -= self._entries.pop(k).nbytes
-            self._entries[key] = entry
-            self.nbytes += entry.nbytes
-            while self.nbytes > self.max_bytes:
-                self.nbytes -= self._entries.popitem(last=False)[1].nbytes
-
-
-_PREFIX_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_PREFIX_CACHES_GUARD = threading.Lock()
-
-
-def engine_prefix_cache(engine) -> PrefixCache:
-    """The shared PrefixCache of one engine (caches of one model never serve another)."""
-    with _PREFIX_CACHES_GUARD:
-        if engine not in _PREFIX_CACHES:
-            _PREFIX_CACHES[engine] = PrefixCache()
-        return _PREFIX_CACHES[engine]
-
-
-def clear_prefix_caches():
-    with _PREFIX_CACHES_GUARD:
-        for c in _PREFIX_CACHES.values():
-            c.clear()
 
 
 # One chat turn ------------------------------------------------------------------------------------
@@ -170,22 +60,22 @@ def chat_turn(engine, root: str, name: str, message: str, images: torch.Tensor |
         history_features: "stored" (past generated images re-enter from their 64 features) or
             "eva" (re-encoded from their PNG with EVA, the reference's option i).
         expect_turns: turn ids the session must hold (a ComfyUI graph's pinned state), else SessionError.
-        prefix_cache: "auto" (the engine's shared LRU), None (full recompute) or a PrefixCache.
+        prefix_cache: "auto" (engine.prefix_cache, the engine's own LRU), None (full recompute) or a PrefixCache.
         callback: the engine's per-step callback (raising in it stops the turn; nothing is saved).
         stage: optional `stage(*module_names)` -> context manager yielding the callback for that stage
             ("mllm"/"eva", then "unet"/"vae"): how ComfyUI puts each stage's modules on the GPU.
-        Other arguments: see WeGenEngine.encode / WeGenEngine.decode.
+        Other arguments: see WeGenEngine.encode / WeGenEngine.decode_pixels.
     """
     # 1) check inputs (before touching the session)
-    decoder.check_decode_args(steps, cfg, strength)
+    rules.check_decode_args(steps, cfg, strength)
     _check_turn_args(message, images, mask, reference, strength, feather, history_features, seed)
     mask = None if mask is None else mask.reshape(1, *mask.shape[-2:]).float()  # (1, H, W)
-    cache = engine_prefix_cache(engine) if prefix_cache == "auto" else prefix_cache
+    cache = engine.prefix_cache if prefix_cache == "auto" else prefix_cache
     if cache is not None and not isinstance(cache, PrefixCache):
         raise ValueError(f"prefix_cache must be 'auto', None or a PrefixCache, got {prefix_cache!r}")
     settings = mllm.DecodeSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                    var_cfg_scale=var_cfg_scale, feature_slice=feature_slice)
-    _check_sampling(temperature, top_p, max_new_tokens)
+    rules.check_sampling(temperature, top_p, max_new_tokens)
 
     with session_lock(root, name):
         # 2) the session as it is now
@@ -203,9 +93,9 @@ def chat_turn(engine, root: str, name: str, message: str, images: torch.Tensor |
             features, reply, stats = _encode(engine, ids, feats, settings, seed, step_callback, cache)
         with _stage(stage, callback, "unet", "vae") as step_callback:
             # 5) decoder (+ reference latents, mask re-noise, paste-back)
-            image = engine.decode(features, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
-                                  reference=ref, mask=mask, strength=strength, feather=feather,
-                                  callback=step_callback)
+            image = engine.decode_pixels(features, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
+                                         reference=ref, mask=mask, strength=strength, feather=feather,
+                                         callback=step_callback)
         # 6) commit
         record_settings = dict(seed=seed, steps=steps, cfg=cfg, width=width, height=height,
                                reference=ref_label, strength=strength, feather=feather,
@@ -243,10 +133,10 @@ def _check_turn_args(message, images, mask, reference, strength, feather, histor
                              or (mask.ndim == 3 and mask.shape[0] != 1)):
         raise ValueError(f"mask must be a float tensor (H, W) or (1, H, W), 1 = edit, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    if mask is not None and not bool((mask > 0.5).any()):
-        raise ValueError("mask is empty (no value > 0.5): nothing would change; paint the area to edit (1 = edit)")
-    if isinstance(feather, bool) or not isinstance(feather, int) or feather < 0:
-        raise ValueError(f"feather must be a non-negative integer (pixels), got {feather!r}")
+    if mask is not None and rules.empty_mask_rows(mask.reshape(1, *mask.shape[-2:])):
+        raise ValueError(f"mask is empty (no value > {rules.EDIT_THRESHOLD}): nothing would change; paint the area "
+                         f"to edit (1 = edit)")
+    rules.check_feather(feather)
     if reference is None and (mask is not None or strength < 1.0):
         raise ValueError("a mask or strength < 1 needs a reference (reference='auto', 'previous' or an image): "
                          "the decoder starts from it and keeps it outside the mask")
@@ -258,8 +148,7 @@ def _check_turn_args(message, images, mask, reference, strength, feather, histor
         raise ValueError(f"reference image must be (1, H, W, 3), got {tuple(reference.shape)}")
     if history_features not in HISTORY_FEATURES:
         raise ValueError(f"history_features must be one of {HISTORY_FEATURES}, got {history_features!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 0xFFFFFFFFFFFFFFFF:
-        raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+    rules.check_seed(seed)
 
 
 def _auto_reference(session, prev, images, mask, strength):
@@ -283,7 +172,7 @@ def _resolve_reference(engine, session, reference, images, mask, strength, width
         else:
             width = width or engine.decoder_cfg.default_size
             height = height or engine.decoder_cfg.default_size
-    decoder.check_size(width, height)
+    rules.check_size(width, height)
     if isinstance(reference, str) and reference == "auto":
         reference = _auto_reference(session, prev, images, mask, strength)
     if reference is None:
@@ -322,12 +211,12 @@ def _encode(engine, ids, feats, settings, seed, callback, cache):
     """B=1 decode with prefix reuse -> ((1, 64, C) features, reply text, stats)."""
     blocks = block_digests(ids, feats, engine.image_ids)
     prefix = cache.lookup(ids, blocks) if cache is not None else None
-    result = engine._decode([ids], [feats], settings, [seed], callback, prefix=prefix,
-                            keep_prompt_cache=cache is not None)[0]
+    result = engine.generate_tokens([ids], [feats], settings, [seed], callback, prefix=prefix,
+                                    keep_prompt_cache=cache is not None)[0]
     if cache is not None:
         cache.store(ids, blocks, result.prompt_cache)
     if result.features is None:
         raise RuntimeError(f"the model produced no image within {settings.max_new_tokens} tokens; "
                            f"enable force_image or raise max_new_tokens")
     stats = {"prompt_tokens": len(ids), "reused_tokens": prefix.length if prefix is not None else 0}
-    return result.features.float().cpu()[None], engine._reply_text(result.ids), stats
+    return result.features.float().cpu()[None], engine.reply_text(result.ids), stats

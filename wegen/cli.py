@@ -10,9 +10,8 @@ import logging
 import os
 import sys
 
-from . import cli_toy
+from . import cli_toy, rules
 
-DEFAULT_TINY = os.path.join("models", "wegen", "tiny")
 DEFAULT_SESSIONS = os.path.join("output", "wegen", "sessions")  # ComfyUI keeps them in <output>/wegen/sessions
 
 
@@ -55,16 +54,18 @@ def _add_engine_args(p, checkpoint_required=True):
 def _add_decode_args(p):
     p.add_argument("--seed", type=int, default=42, help="official: 42")
     p.add_argument("--steps", type=int, default=None,
-                   help="Euler steps, 1..1000 (default: the checkpoint's recommendation, else the release's 50)")
+                   help=f"Euler steps, 1..{rules.MAX_STEPS} (default: the checkpoint's recommendation, else the "
+                        f"release's 50)")
     p.add_argument("--cfg", type=float, default=None,
                    help="UNet guidance (default: the checkpoint's recommendation, else 2.0; the release uses 2 for "
                         "FID, 7 for CLIP-T)")
     p.add_argument("--size", type=_size, default=None,
-                   help="WIDTHxHEIGHT, multiples of 8 (default: the checkpoint's recommendation, else the UNet's)")
+                   help=f"WIDTHxHEIGHT, multiples of {rules.SIZE_MULTIPLE} up to {rules.MAX_SIDE} (default: the "
+                        f"checkpoint's recommendation, else the UNet's)")
 
 
 def _add_feature_slice_arg(p):
-    p.add_argument("--feature-slice", default=None, choices=["official", "aligned"],
+    p.add_argument("--feature-slice", default=None, choices=list(rules.FEATURE_SLICES),
                    help="default: the checkpoint's recommendation, else the release's 'official'")
 
 
@@ -118,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0,
                    help="decoder start from the previous image: 1 = pure noise (official), lower keeps more")
     p.add_argument("--mask", default=None, help="edit mask image (white = edit); outside it the previous image stays")
-    p.add_argument("--feather", type=int, default=16, help="mask edge blend in pixels")
+    p.add_argument("--feather", type=int, default=16, help=f"mask edge blend in pixels, 0..{rules.MAX_FEATHER}")
     p.add_argument("--reference", default="auto", choices=["auto", "previous", "none"],
                    help="decoder reference: auto = the previous image when --strength < 1 or --mask")
-    p.add_argument("--history-features", default="stored", choices=["stored", "eva"],
+    p.add_argument("--history-features", default="stored", choices=list(rules.HISTORY_FEATURES),
                    help="past images re-enter from their stored 64 features, or re-encoded with EVA")
     _add_feature_slice_arg(p)
     p.add_argument("--reset", action="store_true", help="drop the session's earlier turns first")
@@ -132,13 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_toy.add_parsers(sub, _add_engine_args)
 
-    p = sub.add_parser("demo", help="the bundled workflows on the bundled wegen-toy checkpoint -> output/demo/ "
-                                    "with index.html (each picture judged by the shapes world's reader)")
-    p.add_argument("--checkpoint", default=None,
-                   help="checkpoint folder or bundled name (default: wegen-toy; with --tiny: models/wegen/tiny)")
-    p.add_argument("--tiny", action="store_true",
-                   help="build the tiny random-weight checkpoint at --checkpoint if it is missing (noise pictures)")
-    p.add_argument("--out", default=os.path.join("output", "demo"))
+    p = sub.add_parser("demo", help="moved: run `python demo.py` in the pack's folder (it runs the node graph, which "
+                                    "the engine does not import)")
+    p.add_argument("--checkpoint")  # the demo's options, accepted so that the pointer is what a user sees
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--out")
     return parser
 
 
@@ -150,8 +149,11 @@ def main(argv=None) -> int:
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "seed", None) is not None:
+            rules.check_seed(args.seed, "--seed")  # before any model is loaded
         if args.command in RECOMMENDED_FOR:
             _apply_recommended(args)
         return COMMANDS[args.command](args) or 0
@@ -207,8 +209,8 @@ def cmd_convert(args):
 
 
 def cmd_generate(args):
-    from .decoder import check_decode_args, check_size
     from .images import check_image_out, load_image, save_png
+    from .rules import check_decode_args, check_size
 
     check_image_out(args.out)
     check_decode_args(args.steps, args.cfg, 1.0)
@@ -248,8 +250,8 @@ def cmd_understand(args):
 
 
 def cmd_reconstruct(args):
-    from .decoder import check_decode_args, check_size
     from .images import check_image_out, load_image, save_png
+    from .rules import check_decode_args, check_size
 
     check_image_out(args.out)
     check_decode_args(args.steps, args.cfg, 1.0)
@@ -265,8 +267,8 @@ def cmd_reconstruct(args):
 
 def cmd_chat(args):
     from . import chat, sessions
-    from .decoder import check_decode_args, check_size
     from .images import check_image_out, check_writable, load_image, save_png
+    from .rules import check_decode_args, check_size
 
     sessions.check_session_name(args.session)
     check_image_out(args.out)
@@ -294,10 +296,11 @@ def cmd_chat(args):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
+    from .demo import DEMO_COMMAND
 
-    checkpoint = args.checkpoint or (DEFAULT_TINY if args.tiny else "wegen-toy")
-    print(run_demo(checkpoint, args.out, make_tiny=args.tiny))
+    print(f"error: the demo runs the node graph, which the engine does not import; run `{DEMO_COMMAND} "
+          f"[--checkpoint DIR|NAME] [--tiny] [--out DIR]` in the pack's folder instead", file=sys.stderr)
+    return 2
 
 
 # Prompt Self-Rewriting, diversity sweeps, remote queue (extensions) ---------------------------------
@@ -341,15 +344,20 @@ def _add_psr_parsers(sub):
 
 
 def _add_rewrite_args(p, n_required: bool):
+    from . import rewrite
+
     p.add_argument("-n", type=int, required=n_required, default=None, help="K, how many prompts")
-    p.add_argument("--temperature", type=float, default=0.9, help="rewrite sampling temperature (> 0 for K > 1)")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=96, help="token cap of one rewrite")
-    p.add_argument("--max-chars", type=int, default=400, help="character cap of one rewrite")
+    p.add_argument("--temperature", type=float, default=rewrite.DEFAULT_TEMPERATURE,
+                   help="rewrite sampling temperature (> 0 for K > 1)")
+    p.add_argument("--top-p", type=float, default=rewrite.DEFAULT_TOP_P)
+    p.add_argument("--max-new-tokens", type=int, default=rewrite.DEFAULT_MAX_NEW_TOKENS,
+                   help="token cap of one rewrite")
+    p.add_argument("--max-chars", type=int, default=rewrite.DEFAULT_MAX_CHARS, help="character cap of one rewrite")
     p.add_argument("--keep-original", action="store_true", help="the prompt itself is the first of the K")
     p.add_argument("--template", default=None, help="rewrite instruction with {prompt} (or @FILE); default: "
                                                      "wegen.rewrite.DEFAULT_TEMPLATE")
-    p.add_argument("--max-rounds", type=int, default=4, help="batched decodes allowed, re-sampling included")
+    p.add_argument("--max-rounds", type=int, default=rewrite.DEFAULT_MAX_ROUNDS,
+                   help="batched decodes allowed, re-sampling included")
 
 
 def _rewrite_kwargs(args) -> dict:
@@ -466,7 +474,7 @@ def _replay(args):
 
 
 def cmd_queue(args):
-    from .remote import run_queue
+    from .queueing import run_queue
 
     summary = run_queue(args.workflow, args.server, args.sets, args.out, max_pending=args.max_pending,
                         timeout=args.timeout, poll=args.poll, report=_print_job)

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fastpath
-
-MAX_SIDE = 4096
+from .rules import EDIT_THRESHOLD, check_decode_args, check_size
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,8 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # the scheduler config
 
 
 def to_epsilon(output, x, sigma: float, prediction_type: str):
-    """The UNet's output -> the noise it implies at latents `x` (noise level `sigma`), as diffusers' Euler step reads it.
+    """The UNet's output -> the noise it implies at latents `x` (noise level `sigma`), as diffusers' Euler step
+    reads it.
 
     epsilon (the release's): unchanged. sample: x0 = output. v_prediction: x0 = x / (sigma^2 + 1) - output *
     sigma / sqrt(sigma^2 + 1). Then eps = (x - x0) / sigma.
@@ -88,24 +88,9 @@ def sdxl_time_ids(height: int, width: int, batch: int, device, dtype):
     return ids.expand(batch, 6)
 
 
-def check_size(width: int, height: int):
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or v <= 0 or v % 8 or v > MAX_SIDE:
-            raise ValueError(f"{name} must be a positive multiple of 8 up to {MAX_SIDE}, got {v!r}")
-
-
-def check_decode_args(steps: int, guidance_scale: float, strength: float):
-    if not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise ValueError(f"steps must be an integer in 1..1000, got {steps!r}")
-    if not guidance_scale >= 0:
-        raise ValueError(f"cfg (guidance_scale) must be >= 0, got {guidance_scale!r}")
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in 0..1, got {strength!r}")
-
-
 def feather_weight(mask: torch.Tensor, feather: int) -> torch.Tensor:
     """(B, H, W) 0/1 edit mask -> (B, 1, H, W) blend weight: 1 on the mask, ramps to exactly 0 at `feather` px."""
-    m = (mask > 0.5).float()[:, None]
+    m = (mask > EDIT_THRESHOLD).float()[:, None]
     if feather <= 0:
         return m
     grow, blur = (feather + 1) // 2, feather // 2

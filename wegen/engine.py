@@ -1,9 +1,15 @@
-"""WeGenEngine: the one facade the nodes and the CLI call.
+"""WeGenEngine: the one facade the nodes, the CLI, chat, rewrite, sweep and the bench call.
 
-prompt + images -> tokens (prompting) -> EVA features (vision) -> VAR decode (mllm) -> 64 features
+prompt + images -> tokens (prompting) -> EVA features (vision) -> token generation (mllm) -> 64 features
 -> UNet + VAE (decoder) -> pixels. Images in and out are float32 tensors (B, H, W, 3) in 0..1 on
 the CPU (ComfyUI's IMAGE layout). Engines are cached per (checkpoint, dtype, device, offload, preset,
 weight_dtype). preset="release" takes the release's numerics (see PRESETS); wegen.memory has the memory modes.
+
+Public API (README "Engine API"): load, encode (prompt -> WeGenCondition), decode_pixels (features ->
+images), generate (both), understand, reconstruct, encode_images (EVA), generate_tokens + reply_text (the
+LLM's token generation for callers that build their own prompts: chat, rewrite, bench), prefix_cache (the
+engine's prompt-prefix KV cache), release (frees the device state besides the weights), set_offload.
+Input rules (seeds, sizes, sampling) are wegen/rules.py's.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import decoder, fastpath, loading, memory, mllm, prompting, vision
+from . import decoder, fastpath, loading, memory, mllm, prompting, rules, vision
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 # with accelerate's device_map, the rest on `device`. phase, sequential and spread are extensions.
 OFFLOAD_POLICIES = ("none", "idle", "phase", "sequential", "spread")
 RESIDENT_POLICIES = ("none", "sequential", "spread")  # modules are placed once, at load
+MODULES = ("mllm", "unet", "vae", "eva")  # the engine's torch modules, by attribute name
 # comfyui (default): CPU fp32 noise (a seed gives the same picture on every GPU), bf16 where supported, text-only
 # token budget, bicubic input resize. release: the release's choices (README "Official behaviour and extensions").
 PRESETS = ("comfyui", "release")
@@ -61,19 +69,16 @@ def resolve_dtype(dtype: str, device: torch.device, preset: str = "comfyui") -> 
 
 
 def _seeds(seed, n: int) -> list[int]:
+    """One seed (row b uses seed + b, wrapping past 2**64 - 1) or one per row -> n checked seeds."""
     if isinstance(seed, (list, tuple)):
         if len(seed) != n:
             raise ValueError(f"got {len(seed)} seeds for {n} items; give one seed or one per item")
-        seeds = [int(s) for s in seed]
-    else:
-        seeds = [int(seed) + i for i in range(n)]
-    for s in seeds:
-        if not 0 <= s <= 0xFFFFFFFFFFFFFFFF:
-            raise ValueError(f"seed must be in 0..2**64-1, got {s}")
-    return seeds
+        return [rules.check_seed(int(s)) for s in seed]
+    return rules.seed_rows(int(seed), n)
 
 
 def check_images(images, name: str = "images") -> torch.Tensor:
+    """`images` must be a (B, H, W, 3) tensor (ComfyUI's IMAGE layout), else ValueError naming it."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"{name} must be a float tensor (B, H, W, 3) in 0..1, got {shape}")
@@ -81,6 +86,13 @@ def check_images(images, name: str = "images") -> torch.Tensor:
 
 
 class WeGenEngine:
+    """One loaded checkpoint: its modules, tokenizer, scheduler, placement and prompt-prefix cache.
+
+    Every public method checks its inputs first (ValueError naming the input), runs under `self.lock` (one
+    stage at a time per engine) and takes an optional per-step `callback(info)`: info["stage"] is "tokens"
+    (token generation) or "denoise" (UNet steps), with "i" and "total"; raising in it stops the run.
+    """
+
     def __init__(self, parts: loading.LoadedParts, device="cpu", dtype="auto", offload="none", preset="comfyui",
                  weight_dtype="default"):
         self.weight_storage = memory.check_weight_dtype(weight_dtype)  # None: the compute dtype
@@ -105,7 +117,8 @@ class WeGenEngine:
         self.image_ids = self.tokenizer.image_token_ids(self.mllm_cfg.n_gen_tokens)
         if self.tokenizer.vocab_size != parts.llama_config["vocab_size"]:
             raise loading.CheckpointError(
-                f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM embeds {parts.llama_config['vocab_size']}")
+                f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM embeds "
+                f"{parts.llama_config['vocab_size']}")
         rep = parts.report
         self.mllm = _cast(loading.build_mllm(self.mllm_cfg, parts.llama_config, parts.mllm_state, rep), self.dtype)
         self.unet = _cast(loading.build_unet(parts.unet_config, parts.unet_state, rep), self.dtype)
@@ -117,6 +130,7 @@ class WeGenEngine:
         self.scheduler = loading.build_scheduler(parts.scheduler_config)
         self._eva = None  # built on first use: only image inputs need it
         self.lock = threading.RLock()
+        self.prefix_cache = PrefixCache()  # prompt KV caches for chat turns (extension); cleared by release()
         fastpath.prepare_decoder_modules(self.unet, self.vae, self.device)
         for name, m in (("mllm", self.mllm), ("unet", self.unet), ("vae", self.vae)):
             m.eval().requires_grad_(False)
@@ -150,6 +164,7 @@ class WeGenEngine:
 
     @property
     def eva(self) -> vision.VisionTransformer:
+        """The EVA-CLIP tower, built on first use (only image inputs need it); see eva_built."""
         if self._eva is None:
             eva = loading.build_eva(self.eva_cfg, self.parts.eva_state, self.report).to(self.dtype)
             memory.store_fp8(eva, self.weight_storage)
@@ -160,6 +175,29 @@ class WeGenEngine:
                 self._eva.to(self.device)
             self.parts.eva_state = None
         return self._eva
+
+    @property
+    def eva_built(self) -> bool:
+        """Whether the EVA tower is built yet (reading `eva` builds it)."""
+        return self._eva is not None
+
+    def release(self, *modules: str) -> None:
+        """Free the device state the engine keeps besides the weights: the fast path's CUDA graphs and static
+        caches made for the named modules ("mllm", "unet", "vae", "eva"; default: all) and, with the LLM, the
+        prompt-prefix KV caches (engine.prefix_cache). Weights stay where they are: ComfyUI's ModelPatcher (the
+        host calls this when "Unload models" or eviction moves a module off the GPU) or set_offload move them.
+        Anything freed is rebuilt on the next use; results do not change."""
+        unknown = [m for m in modules if m not in MODULES]
+        if unknown:
+            raise ValueError(f"release takes module names among {MODULES}, got {unknown}")
+        names = modules or MODULES
+        with self.lock:
+            built = [getattr(self, n) for n in names if n != "eva"] + ([self._eva] if "eva" in names else [])
+            fastpath.release(*(m for m in built if m is not None))
+            if "mllm" in names:
+                self.prefix_cache.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @contextlib.contextmanager
     def _using(self, *modules):
@@ -235,7 +273,7 @@ class WeGenEngine:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
-        _check_sampling(temperature, top_p, max_new_tokens)
+        rules.check_sampling(temperature, top_p, max_new_tokens)
         seeds = _seeds(seed, len(prompts))
         feats = self._block_features(images, image_features)
         n_images = 0 if images is None else images.shape[0]
@@ -246,21 +284,27 @@ class WeGenEngine:
                                                  force_image=force_image))
         settings = mllm.DecodeSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                        var_cfg_scale=var_cfg_scale, feature_slice=feature_slice)
-        results = self._decode(rows_ids, [feats] * len(prompts), settings, seeds, callback)
+        results = self.generate_tokens(rows_ids, [feats] * len(prompts), settings, seeds, callback)
         missing = [i for i, r in enumerate(results) if r.features is None]
         if missing:
             raise RuntimeError(f"the model produced no image for prompt(s) {missing} within {max_new_tokens} tokens; "
                                f"enable force_image or raise max_new_tokens")
         features = torch.stack([r.features for r in results]).float().cpu()
-        texts = [self._reply_text(r.ids) for r in results]
+        texts = [self.reply_text(r.ids) for r in results]
         return WeGenCondition(features, texts, prompts, dict(seeds=seeds, temperature=temperature, top_p=top_p,
                                                              var_cfg_scale=var_cfg_scale, feature_slice=feature_slice,
                                                              force_image=force_image))
 
-    def decode(self, cond, *, seed=0, steps: int = 50, cfg: float = 2.0, width: int | None = None,
-               height: int | None = None, reference: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-               strength: float = 1.0, feather: int = 16, callback=None) -> torch.Tensor:
-        """WeGenCondition or (B, 64, C) features -> (B, H, W, 3) images. Release: 50 steps, cfg 2 or 7, 1024 px."""
+    def decode_pixels(self, cond, *, seed=0, steps: int = 50, cfg: float = 2.0, width: int | None = None,
+                      height: int | None = None, reference: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None, strength: float = 1.0, feather: int = 16,
+                      callback=None) -> torch.Tensor:
+        """WeGenCondition or (B, 64, C) features -> (B, H, W, 3) images: UNet denoising + VAE decode.
+
+        Release: 50 steps, cfg 2 or 7, 1024 px, strength 1. seed: int (row b uses seed + b) or one per row.
+        width/height: default the UNet's size. Extension (consistency): `reference` (1 or B, H, W, 3) starts
+        the latents from it at `strength` < 1; `mask` ((B, H, W), 1 = edit, > rules.EDIT_THRESHOLD) keeps
+        everything outside mask + `feather` pixels bit-identical to the reference."""
         features = cond.features if isinstance(cond, WeGenCondition) else cond
         if not isinstance(features, torch.Tensor) or features.ndim != 3 or \
                 features.shape[1:] != (self.mllm_cfg.n_gen_tokens, self.mllm_cfg.feature_dim):
@@ -279,11 +323,11 @@ class WeGenEngine:
 
     def generate(self, prompt, images=None, *, seed=0, steps: int = 50, cfg: float = 2.0, width=None, height=None,
                  callback=None, **encode_kwargs):
-        """encode + decode: returns (images (B, H, W, 3), WeGenCondition)."""
-        decoder.check_decode_args(steps, cfg, 1.0)
-        decoder.check_size(width or self.decoder_cfg.default_size, height or self.decoder_cfg.default_size)
+        """encode + decode_pixels: returns (images (B, H, W, 3), WeGenCondition)."""
+        rules.check_decode_args(steps, cfg, 1.0)
+        rules.check_size(width or self.decoder_cfg.default_size, height or self.decoder_cfg.default_size)
         cond = self.encode(prompt, images, seed=seed, callback=callback, **encode_kwargs)
-        return self.decode(cond, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
+        return self.decode_pixels(cond, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
                            callback=callback), cond
 
     def understand(self, images: torch.Tensor, question: str, *, max_new_tokens: int = 256,
@@ -292,21 +336,21 @@ class WeGenEngine:
         check_images(images)
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
-        _check_sampling(temperature, top_p, max_new_tokens)
+        rules.check_sampling(temperature, top_p, max_new_tokens)
         feats = self._block_features(images, None)
         turns = [prompting.Turn(user=question, user_images=images.shape[0])]
         ids = prompting.prompt_ids(self.tokenizer, turns, self.mllm_cfg.n_query, "chat")
         settings = mllm.DecodeSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                        allow_image=False)
-        result = self._decode([ids], [feats], settings, _seeds(seed, 1), callback)[0]
-        return self._reply_text(result.ids)
+        result = self.generate_tokens([ids], [feats], settings, _seeds(seed, 1), callback)[0]
+        return self.reply_text(result.ids)
 
     def reconstruct(self, images: torch.Tensor, *, seed=0, steps: int = 50, cfg: float = 2.0, width=None,
                     height=None, callback=None) -> torch.Tensor:
         """(B, H, W, 3) -> EVA -> 4x4 pool -> UNet -> (B, H', W', 3): the detokenizer's sanity path."""
-        decoder.check_decode_args(steps, cfg, 1.0)
-        decoder.check_size(width or self.decoder_cfg.default_size, height or self.decoder_cfg.default_size)
-        return self.decode(self.encode_images(images), seed=seed, steps=steps, cfg=cfg, width=width,
+        rules.check_decode_args(steps, cfg, 1.0)
+        rules.check_size(width or self.decoder_cfg.default_size, height or self.decoder_cfg.default_size)
+        return self.decode_pixels(self.encode_images(images), seed=seed, steps=steps, cfg=cfg, width=width,
                            height=height, callback=callback)
 
     # Helpers -------------------------------------------------------------------------------------
@@ -320,8 +364,24 @@ class WeGenEngine:
             parts.append(self.encode_images(check_images(images)))
         return torch.cat(parts) if parts else None
 
-    def _decode(self, rows_ids, rows_features, settings, seeds, callback, prefix=None, keep_prompt_cache=False):
-        """mllm.decode under the lock with the MLLM on the device; prefix/keep_prompt_cache: see mllm.decode (B=1)."""
+    # Token generation for callers that build their own prompts (chat, rewrite, bench) ---------------
+
+    def generate_tokens(self, rows_ids: list[list[int]], rows_features: list, settings: mllm.DecodeSettings,
+                        seeds: list[int], callback=None, *, prefix: mllm.Prefix | None = None,
+                        keep_prompt_cache: bool = False) -> list[mllm.RowResult]:
+        """The LLM's token generation (prefill + one token per step, rows batched) -> one mllm.RowResult per row.
+
+        Args:
+            rows_ids: prompt token ids per row (prompting.prompt_ids), image slots included.
+            rows_features: per row, the (n_blocks, 64, C) features of its image blocks in prompt order, or None.
+            settings: mllm.DecodeSettings (token budget, sampling, var-cfg, feature slice, allow_image).
+            seeds: one per row: row b samples from torch.Generator("cpu").manual_seed(seeds[b]).
+            prefix: B=1 only: an mllm.Prefix whose KV cache already holds the prompt's first tokens
+                (e.g. from engine.prefix_cache.lookup); keep_prompt_cache: return the prompt's KV cache in
+                RowResult.prompt_cache (to store in engine.prefix_cache for the next turn).
+        A RowResult holds the generated `ids`, the (64, C) image `features` (None when no image was made)
+        and `prompt_cache`. Turn ids into text with reply_text.
+        """
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         if self.preset == "release":  # the release's max_new_tokens counts every generated token
             settings = dataclasses.replace(settings, count_all_tokens=True)
@@ -329,7 +389,7 @@ class WeGenEngine:
             return mllm.decode(self.mllm, rows_ids, rows_features, self.image_ids, settings, self.tokenizer.eos_id,
                                generators, callback, prefix=prefix, keep_prompt_cache=keep_prompt_cache)
 
-    def _reply_text(self, ids: list[int]) -> str:
+    def reply_text(self, ids: list[int]) -> str:
         """Generated ids -> text without the image block (release: regex strips every <...> tag)."""
         image_like = {self.image_ids.start, self.image_ids.end, *self.image_ids.slots}
         return prompting.clean_reply(self.tokenizer.decode([i for i in ids if i not in image_like]))
@@ -352,11 +412,3 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         return module
     return torch.nn.Module.to(module, dtype)
 
-
-def _check_sampling(temperature, top_p, max_new_tokens):
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")

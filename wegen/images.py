@@ -78,7 +78,8 @@ def check_writable(path: str, is_dir: bool = False) -> str:
     except OSError as e:
         raise ValueError(f"output path {path} cannot be written: {e.strerror or e}") from e
     if not os.access(folder, os.W_OK) or (not is_dir and os.path.isdir(path)):
-        raise ValueError(f"output path {path} cannot be written (folder {folder} is not writable, or the path is a folder)")
+        raise ValueError(f"output path {path} cannot be written (folder {folder} is not writable, or the path is "
+                         f"a folder)")
     return path
 
 

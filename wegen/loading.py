@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .decoder import MAX_SIDE, DecoderConfig
+from . import rules
+from .decoder import DecoderConfig
 from .mllm import MllmConfig, WeGenMLLM
 from .vision import EvaConfig, VisionTransformer
 
@@ -271,7 +272,8 @@ def _assemble(tok_dir, constants, llama_config, unet_config, vae_config, schedul
                           n_gen_tokens=constants["n_gen_tokens"])
     llama_config = dict(llama_config, vocab_size=mllm_state["llm.model.embed_tokens.weight"].shape[0])
     if llama_config.get("hidden_size") != hidden:
-        raise CheckpointError(f"Llama config hidden_size {llama_config.get('hidden_size')} != projection width {hidden}")
+        raise CheckpointError(f"Llama config hidden_size {llama_config.get('hidden_size')} != projection width "
+                              f"{hidden}")
     if unet_config.get("cross_attention_dim") != feature_dim and unet_config.get("encoder_hid_dim") != feature_dim:
         raise CheckpointError(f"UNet cross_attention_dim {unet_config.get('cross_attention_dim')} does not match "
                               f"the image-feature width {feature_dim}")
@@ -303,21 +305,18 @@ def check_recommended(values, path: str) -> dict:
     if not isinstance(values, dict) or set(values) - set(RECOMMENDED_KEYS):
         raise CheckpointError(f"{path}: 'recommended' must be an object with keys among {list(RECOMMENDED_KEYS)}, "
                               f"got {values!r}")
-    # the ranges the decoder accepts (decoder.check_decode_args / check_size), so a bad entry names this file
+    # the ranges every entry point accepts (rules.check_steps / check_size), so a bad entry names this file
     # instead of failing later at decode time; JSON true/false are no numbers here
-    def integer(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if "steps" in values and not (integer(values["steps"]) and 1 <= values["steps"] <= 1000):
-        raise CheckpointError(f"{path}: recommended steps must be an integer in 1..1000, got {values['steps']!r}")
-    for key in ("width", "height"):
-        if key in values and not (integer(values[key]) and 0 < values[key] <= MAX_SIDE and values[key] % 8 == 0):
-            raise CheckpointError(f"{path}: recommended {key} must be a positive multiple of 8 up to {MAX_SIDE}, "
-                                  f"got {values[key]!r}")
+    try:
+        if "steps" in values:
+            rules.check_steps(values["steps"])
+        rules.check_size(values.get("width", 8), values.get("height", 8))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: recommended {e}") from None
     cfg = values.get("cfg", 0.0)
     if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not 0 <= cfg < float("inf"):
         raise CheckpointError(f"{path}: recommended cfg must be a finite number >= 0, got {values['cfg']!r}")
-    if values.get("feature_slice", "official") not in ("official", "aligned"):
+    if values.get("feature_slice", "official") not in rules.FEATURE_SLICES:
         raise CheckpointError(f"{path}: recommended feature_slice must be 'official' or 'aligned', "
                               f"got {values['feature_slice']!r}")
     return dict(values)
@@ -428,7 +427,8 @@ def save_aligned_safetensors(tensors: dict, path: str, align: int = 64):
             chunks.append(bytes(pad))
             offset += pad
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     blob = json.dumps(header, separators=(",", ":")).encode()

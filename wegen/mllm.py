@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from .prompting import ImageTokenIds
+from .rules import FEATURE_SLICES
 
 log = logging.getLogger(__name__)
-
-FEATURE_SLICES = ("official", "aligned")
 
 
 @dataclass(frozen=True)
@@ -359,7 +358,8 @@ def _next_embeddings(model, rows: list[_Row], h, image_ids, settings, eos_id, ge
             row.n_text += 1
         row.result.ids.append(token)
         row.prev = token
-        if token == eos_id or (forced[b] is None and token != image_ids.start and row.n_text >= settings.max_new_tokens):
+        if token == eos_id or (forced[b] is None and token != image_ids.start and
+                               row.n_text >= settings.max_new_tokens):
             row.done = True
         if settings.count_all_tokens and len(row.result.ids) >= settings.max_new_tokens:
             row.done = True  # the release's budget: every generated token, image block included

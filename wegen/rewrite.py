@@ -28,6 +28,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from .rules import MAX_NEW_TOKENS_WIDGET, check_seed, seed_rows
+
 log = logging.getLogger(__name__)
 
 # The editable instruction (an extension: the paper's own template is not published).
@@ -40,7 +42,8 @@ DEFAULT_TEMPLATE = (
 PLACEHOLDER = "{prompt}"
 MAX_N = 256  # rewrites per call: a bound on one batched decode
 DEFAULT_MAX_ROUNDS = 4  # batched decodes per call, re-sampling included
-MAX_SEED = 0xFFFFFFFFFFFFFFFF  # torch.Generator.manual_seed's range (ComfyUI's seed widget max)
+# Sampling defaults of one call (the node's widgets and the CLI's options use these)
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_CHARS = 0.9, 0.95, 96, 400
 _LABEL = re.compile(r"^\s*(?:(?:new|rewritten|detailed|image)\s+)?prompt\s*:\s*", re.IGNORECASE)
 _QUOTES = "\"'\u201c\u201d\u2018\u2019"
 
@@ -68,14 +71,14 @@ def check_rewrite_inputs(prompt, n, seed, temperature, top_p, max_new_tokens, ma
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
         raise ValueError(f"n (number of rewrites, K) must be an integer in 1..{MAX_N}, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+    check_seed(seed)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 4096:
-        raise ValueError(f"max_new_tokens must be an integer in 1..4096, got {max_new_tokens!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            not 1 <= max_new_tokens <= MAX_NEW_TOKENS_WIDGET:
+        raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_WIDGET}, got {max_new_tokens!r}")
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 8:
         raise ValueError(f"max_chars (length cap of one rewrite) must be an integer >= 8, got {max_chars!r}")
     if not isinstance(template, str) or template.count(PLACEHOLDER) != 1:
@@ -114,8 +117,9 @@ def dedupe_key(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def rewrite_prompt(engine, prompt: str, n: int, *, seed: int = 0, temperature: float = 0.9, top_p: float = 0.95,
-                   max_new_tokens: int = 96, max_chars: int = 400, keep_original: bool = False,
+def rewrite_prompt(engine, prompt: str, n: int, *, seed: int = 0, temperature: float = DEFAULT_TEMPERATURE,
+                   top_p: float = DEFAULT_TOP_P, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                   max_chars: int = DEFAULT_MAX_CHARS, keep_original: bool = False,
                    template: str = DEFAULT_TEMPLATE, max_rounds: int = DEFAULT_MAX_ROUNDS,
                    callback=None) -> RewriteResult:
     """One prompt -> K distinct rewrites, all sampled in one batched decode (+ re-sampling rounds). Extension.
@@ -146,12 +150,12 @@ def rewrite_prompt(engine, prompt: str, n: int, *, seed: int = 0, temperature: f
     next_seed, rounds = seed, 0
     while len(kept) < n and rounds < max_rounds:
         missing = n - len(kept)
-        seeds = [(next_seed + i) % (MAX_SEED + 1) for i in range(missing)]
-        next_seed = (next_seed + missing) % (MAX_SEED + 1)
+        seeds = seed_rows(next_seed, missing + 1)  # the last one starts the next round
+        seeds, next_seed = seeds[:-1], seeds[-1]
         rounds += 1
-        results = engine._decode([ids] * missing, [None] * missing, settings, seeds, callback)
+        results = engine.generate_tokens([ids] * missing, [None] * missing, settings, seeds, callback)
         for s, r in zip(seeds, results):
-            text = finalize(engine._reply_text(r.ids), max_chars)
+            text = finalize(engine.reply_text(r.ids), max_chars)
             if text and dedupe_key(text) not in seen:
                 seen.add(dedupe_key(text))
                 kept.append((text, s))

@@ -18,8 +18,9 @@ same kind of machine. `python -m wegen sweep --replay DIR/sweep.json --index I -
 
 With an output folder, each decode batch writes its PNGs and updates `sweep.json` (atomic writes), and
 the features go to `features.safetensors`: a rerun with `resume=True` skips finished batches and redoes
-unfinished ones whole, so resumed images equal uninterrupted ones bit for bit. The same planner and
-writer serve the Ray executor (wegen/ray_sweep.py), which only changes where batches run.
+unfinished ones whole, so resumed images equal uninterrupted ones bit for bit (the folder's format and
+resume checks: wegen/sweep_files.py). The same planner and writer serve the Ray executor
+(wegen/ray_sweep.py), which only changes where batches run.
 
 Diversity (reported per sweep): `features_cosine` = mean pairwise cosine distance (1 - cos) of the K
 flattened 64-token feature sets; `features_rms` = their mean pairwise RMS difference; `pixels_rms` =
@@ -28,7 +29,6 @@ mean pairwise RMS difference of all K * S images (8-bit quantized as saved, area
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,16 +36,13 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from .files import write_atomic, write_json_atomic
+from . import sweep_files
+from .rules import MAX_SEED, check_seed
+from .sweep_files import MANIFEST, SHEET, load_manifest  # noqa: F401 (callers import them from here)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "wegen-sweep/1"
-MANIFEST = "sweep.json"
-FEATURES = "features.safetensors"
-SHEET = "contact_sheet.png"
 MAX_ITEMS = 4096
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 DIVERSITY_SIDE = 256  # pixels_rms compares images area-scaled to at most this side
 _DTYPE_BYTES = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2}
 ALLOC_SLACK = 1.5  # allocator fragmentation + temporaries on top of the activation estimate
@@ -130,15 +127,14 @@ def check_seeds(seeds) -> list[int]:
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise ValueError(f"each seed must be an integer in 0..2**64-1, got {s!r}")
+        check_seed(s, "each seed")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct (a repeated seed repeats its images), got {seeds}")
     return seeds
 
 
 def check_sweep_inputs(prompts, seeds, settings: SweepSettings):
-    from .decoder import check_decode_args, check_size
+    from .rules import check_decode_args, check_size
 
     if not isinstance(prompts, (list, tuple)) or not prompts or \
             not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -263,7 +259,7 @@ def encode_batch(engine, prompts: list[str], seeds: list[int], settings: SweepSe
 
 def decode_batch(engine, features: torch.Tensor, seeds: list[int], settings: SweepSettings, callback=None):
     """(b, 64, C) features + one seed per image -> (b, H, W, 3) images."""
-    return engine.decode(features, seed=list(seeds), callback=callback, **settings.decode_kwargs())
+    return engine.decode_pixels(features, seed=list(seeds), callback=callback, **settings.decode_kwargs())
 
 
 class LocalExecutor:
@@ -318,19 +314,19 @@ def run_sweep(executor, prompts, seeds, settings: SweepSettings = SweepSettings(
     info = executor.info
     settings = resolve_settings(settings, info)
     plan = make_plan(info, prompts, seeds, settings)
-    manifest = build_manifest(info, settings, plan, rewrite)
+    manifest = sweep_files.build_manifest(info, settings, plan, rewrite)
     done = set()
     if out_dir is not None:
-        done = _open_out_dir(out_dir, manifest, resume)
+        done = sweep_files.open_out_dir(out_dir, manifest, resume)
 
     # 2) encode every prompt (or read the features a resumed sweep saved)
-    features = _load_features(out_dir, plan) if done else None
+    features = sweep_files.load_features(out_dir, plan) if done else None
     if features is None:
         jobs = [([plan.prompts[k] for k in b], [plan.encode_seed(settings, k) for k in b])
                 for b in plan.encode_batches]
         features = torch.cat(list(executor.encode(jobs, settings)))  # (K, 64, C)
         if out_dir is not None:
-            _save_features(out_dir, features)
+            sweep_files.save_features(out_dir, features)
 
     # 3) decode the items batch by batch, writing each finished batch
     images: list = [None] * (len(plan.prompts) * len(plan.seeds))
@@ -338,13 +334,13 @@ def run_sweep(executor, prompts, seeds, settings: SweepSettings = SweepSettings(
     for b in plan.decode_batches:
         if set(b) <= done:
             for i in b:
-                images[i] = _read_png(out_dir, manifest["items"][i]["file"])
+                images[i] = sweep_files.read_png(out_dir, manifest["items"][i]["file"])
     jobs = ((features[[plan.item(i)[0] for i in b]], [plan.seeds[plan.item(i)[1]] for i in b]) for b in pending)
     for b, batch_images in zip(pending, executor.decode(jobs, settings)):
         for i, image in zip(b, batch_images):
             images[i] = image
         if out_dir is not None:
-            _write_batch(out_dir, manifest, b, batch_images)
+            sweep_files.write_batch(out_dir, manifest, b, batch_images)
         if progress is not None:
             progress(sum(im is not None for im in images), len(images))
 
@@ -353,7 +349,7 @@ def run_sweep(executor, prompts, seeds, settings: SweepSettings = SweepSettings(
 
 
 def _finish(out_dir, manifest, plan: SweepPlan, features, images) -> SweepResult:
-    from .images import contact_sheet, save_png
+    from .images import contact_sheet
 
     item_prompts = [plan.prompts[plan.item(i)[0]] for i in range(len(images))]
     item_seeds = [plan.seeds[plan.item(i)[1]] for i in range(len(images))]
@@ -361,10 +357,7 @@ def _finish(out_dir, manifest, plan: SweepPlan, features, images) -> SweepResult
     sheet = contact_sheet(images, captions, columns=len(plan.seeds))
     manifest["diversity"] = diversity(features, images)
     if out_dir is not None:
-        save_png(sheet, os.path.join(out_dir, SHEET))
-        manifest["contact_sheet"] = SHEET
-        manifest["status"] = "done"
-        _write_manifest(out_dir, manifest)
+        sweep_files.finish_out_dir(out_dir, manifest, sheet)
     log.info("sweep of %d images: diversity %s", len(images), manifest["diversity"])
     return SweepResult(images, item_prompts, item_seeds, captions, sheet, features, manifest["diversity"], manifest)
 
@@ -407,122 +400,7 @@ def _mean_offdiag(d: torch.Tensor) -> float:
     return float((d.sum() - d.diagonal().sum()) / (n * (n - 1)))
 
 
-# sweep.json, resume and replay --------------------------------------------------------------------
-
-def build_manifest(info: dict, settings: SweepSettings, plan: SweepPlan, rewrite: dict | None) -> dict:
-    """sweep.json: every prompt, seed, setting and batch needed to make each image again exactly."""
-    enc_of = {k: j for j, b in enumerate(plan.encode_batches) for k in b}
-    dec_of = {i: j for j, b in enumerate(plan.decode_batches) for i in b}
-    items = []
-    for i in range(len(plan.prompts) * len(plan.seeds)):
-        k, s = plan.item(i)
-        items.append({"index": i, "file": f"{i:05d}_p{k:03d}_s{plan.seeds[s]}.png", "prompt_index": k,
-                      "seed_index": s, "prompt": plan.prompts[k], "seed": plan.seeds[s],
-                      "encode_seed": plan.encode_seed(settings, k), "encode_batch": enc_of[k],
-                      "decode_batch": dec_of[i], "done": False})
-    return {
-        "format": FORMAT,
-        "extension": "WeGen diversity sweep (not in the official release)",
-        "engine": {k: info[k] for k in ("checkpoint", "dtype", "vae_dtype", "device", "offload", "preset",
-                                        "weight_dtype", "threads", "torch")},
-        "settings": asdict(settings),
-        "rewrite": rewrite,
-        "prompts": plan.prompts,
-        "seeds": plan.seeds,
-        "encode_batches": plan.encode_batches,
-        "decode_batches": plan.decode_batches,
-        "items": items,
-        "status": "running",
-        "reproduce": "python -m wegen sweep --replay sweep.json --index I --out FILE.png",
-    }
-
-
-_MUST_MATCH = ("format", "settings", "rewrite", "prompts", "seeds", "encode_batches", "decode_batches")
-_ENGINE_MUST_MATCH = ("checkpoint", "dtype", "vae_dtype", "device", "threads")
-
-
-def _open_out_dir(out_dir: str, manifest: dict, resume: bool) -> set:
-    """Create out_dir / check a resumable sweep.json there. Returns the item indices already done."""
-    from .images import check_writable
-
-    check_writable(out_dir, is_dir=True)
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
-        _write_manifest(out_dir, manifest)
-        return set()
-    if not resume:
-        raise ValueError(f"out dir {out_dir} already holds a {MANIFEST}; pass resume (--resume) to continue it, "
-                         f"or choose another output folder")
-    old = load_manifest(path)
-    for key in _MUST_MATCH:
-        if old.get(key) != manifest[key]:
-            raise ValueError(f"cannot resume {path}: its {key} differs from this run's; rerun with the same "
-                             f"prompt, seeds and settings, or choose another output folder")
-    for key in _ENGINE_MUST_MATCH:
-        if old["engine"].get(key) != manifest["engine"][key]:
-            raise ValueError(f"cannot resume {path}: it was made with engine {key}={old['engine'].get(key)!r}, "
-                             f"this run has {manifest['engine'][key]!r} (images would not match bit for bit)")
-    done = {it["index"] for it in old["items"]
-            if it.get("done") and os.path.isfile(os.path.join(out_dir, it["file"]))}
-    for it in manifest["items"]:
-        it["done"] = it["index"] in done
-    _write_manifest(out_dir, manifest)
-    log.info("resuming %s: %d of %d images already done", path, len(done), len(manifest["items"]))
-    return done
-
-
-def load_manifest(path: str) -> dict:
-    if os.path.isdir(path):
-        path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"sweep manifest not found: {os.path.abspath(path)}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read sweep manifest {path}: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} sweep manifest")
-    return manifest
-
-
-def _write_manifest(out_dir: str, manifest: dict):
-    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
-
-
-def _write_batch(out_dir: str, manifest: dict, batch: list[int], images):
-    from .images import save_png
-
-    for i, image in zip(batch, images):
-        it = manifest["items"][i]
-        save_png(image, os.path.join(out_dir, it["file"]), {"prompt": it["prompt"], "seed": it["seed"],
-                                                            "sweep_index": i,
-                                                            "settings": json.dumps(manifest["settings"])})
-        it["done"] = True
-    _write_manifest(out_dir, manifest)
-
-
-def _read_png(out_dir: str, name: str) -> torch.Tensor:
-    from .images import load_image
-
-    return load_image(os.path.join(out_dir, name))[0]
-
-
-def _save_features(out_dir: str, features: torch.Tensor):
-    from safetensors.torch import save
-
-    write_atomic(os.path.join(out_dir, FEATURES), save({"features": features.contiguous()}))
-
-
-def _load_features(out_dir, plan: SweepPlan):
-    from safetensors.torch import load_file
-
-    path = os.path.join(out_dir, FEATURES)
-    if not os.path.isfile(path):
-        return None
-    features = load_file(path)["features"]
-    return features if features.shape[0] == len(plan.prompts) else None
-
+# Replay --------------------------------------------------------------------------------------------
 
 def settings_from_manifest(manifest: dict) -> SweepSettings:
     names = {f.name for f in fields(SweepSettings)}
@@ -540,7 +418,7 @@ def reproduce(engine, manifest: dict, index: int, callback=None) -> torch.Tensor
         raise ValueError(f"index must be an item of the sweep, 0..{len(items) - 1}, got {index!r}")
     settings = settings_from_manifest(manifest)
     info = engine_info(engine)
-    for key in _ENGINE_MUST_MATCH[1:]:
+    for key in sweep_files.ENGINE_MUST_MATCH[1:]:
         if info[key] != manifest["engine"].get(key):
             log.warning("reproducing with %s=%r but the sweep used %r: expect float-rounding differences",
                         key, info[key], manifest["engine"].get(key))

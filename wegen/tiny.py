@@ -129,7 +129,8 @@ def make_tiny(folder: str, seed: int = 0) -> str:
     vocab = train_tokenizer(os.path.join(root, L.TOKENIZER_DIR), seed)
     llama_dir = os.path.join(root, L.LLAMA_DIR)
     os.makedirs(llama_dir, exist_ok=True)
-    _write_json(os.path.join(llama_dir, "config.json"), dict(LLAMA_TINY, vocab_size=SP_VOCAB))  # pre-resize, as released
+    # pre-resize, as released
+    _write_json(os.path.join(llama_dir, "config.json"), dict(LLAMA_TINY, vocab_size=SP_VOCAB))
 
     eva = L.build_eva(EVA_TINY)
     os.makedirs(os.path.dirname(os.path.join(root, L.EVA_FILE)), exist_ok=True)

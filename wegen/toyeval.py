@@ -36,6 +36,7 @@ import numpy as np
 
 from . import chat, diic, rewrite
 from . import toyworld as tw
+from .rules import check_seed
 
 BATCH = 16  # prompts / images per batched engine call
 REWRITES = 6  # rewrites per partial description
@@ -92,8 +93,7 @@ def check_inputs(n, seed, json_path=None, checkpoint=None, device=None):
     """ValueError (one line) for a bad count, seed, device, checkpoint or --json path; nothing is run."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
         raise ValueError(f"--n must be an integer in 1..{MAX_N}, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 0xFFFFFFFFFFFFFFFF:
-        raise ValueError(f"--seed must be an integer in 0..2**64-1, got {seed!r}")
+    check_seed(seed, "--seed")
     if device is not None:
         _check_device(device)
     if checkpoint is not None:

@@ -36,8 +36,8 @@ def new_mllm(vocab_size: int) -> WeGenMLLM:
 
 def load_diic(out: str, tower) -> tuple[list[dict], torch.Tensor, list[list[int]]]:
     """DIIC sequences, the tower features of every frame, and per sequence the frames' row in those features."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     from .tower import tower_features
 

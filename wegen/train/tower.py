@@ -6,7 +6,8 @@ The real model takes both from elsewhere (EVA-CLIP-E, SDXL's VAE). Here:
     (4x4 pooled), so the 64 pooled features say what is where; light noise and blur make it read
     decoded pictures as well as rendered ones;
   * the VAE (diffusers' AutoencoderKL, 8x down) learns to reconstruct the world's pictures (L1 + MSE
-    with the object's pixels weighted up, a small KL); its scaling_factor is then measured as 1 / std of the latents, as SDXL's was chosen;
+    with the object's pixels weighted up, a small KL); its scaling_factor is then measured as 1 / std of the
+    latents, as SDXL's was chosen;
   * the bank: tower features of every scene at several jitters, and each scene's features averaged
     over all 25 jitters (the generation target of stage 2; see wegen/toydata.py); then the VAE latents
     of the same pictures (stage 1's targets).
@@ -108,7 +109,8 @@ OBJECT_WEIGHT = 8.0  # VAE loss weight of object pixels over background pixels (
 
 def weighted_reconstruction(x, y, outline: bool = False):
     """L1 + MSE of (B, 3, H, W) pictures in -1..1, the object's pixels weighted up (the object is a few % of the
-    pixels: unweighted, colour and shape are learnt last); `outline` also weights the band 2 px either side of its outline up."""
+    pixels: unweighted, colour and shape are learnt last); `outline` also weights the band 2 px either side of its
+    outline up."""
     obj = (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()  # the top-left pixel is background
     weight = 1 + OBJECT_WEIGHT * obj
     if outline:

@@ -1,4 +1,4 @@
-"""The decoder honours the scheduler config's prediction_type as diffusers' Euler scheduler does.
+"""wegen/decoder.py: the scheduler config's prediction_type is honoured as diffusers' Euler scheduler does.
 
 epsilon (the release's) is untouched; "sample" and "v_prediction" (the toy checkpoint trains on "sample") are
 converted to the noise they imply, so every Euler update equals EulerDiscreteScheduler.step's; anything else is
@@ -132,7 +132,7 @@ def test_engine_refuses_an_unknown_prediction_type(engine, monkeypatch):
     monkeypatch.setattr(engine, "scheduler", _scheduler("x0"))
     monkeypatch.setattr(engine.unet, "forward", lambda *a, **k: pytest.fail("the UNet was called"))
     with pytest.raises(ValueError, match="'x0'"):
-        engine.decode(torch.zeros(1, 64, engine.decoder_cfg.context_dim), steps=2, width=64, height=64)
+        engine.decode_pixels(torch.zeros(1, 64, engine.decoder_cfg.context_dim), steps=2, width=64, height=64)
 
 
 @pytest.mark.parametrize("prediction_type", TYPES)

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from wegen import remote
+from wegen import queueing
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 OBJECT_INFO = {
@@ -233,7 +233,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("dict_links", [False, True])
 def test_ui_to_api_follows_the_editor(dict_links):
-    api = remote.ui_to_api(_ui(dict_links), OBJECT_INFO)
+    api = queueing.ui_to_api(_ui(dict_links), OBJECT_INFO)
     assert {k: (v["class_type"], v["inputs"]) for k, v in api.items()} == EXPECTED
     assert api["2"]["_meta"]["title"] == "Main" and api["1"]["_meta"]["title"] == "Model Loader"
 
@@ -241,37 +241,38 @@ def test_ui_to_api_follows_the_editor(dict_links):
 def test_ui_to_api_refuses_what_it_cannot_convert():
     ui = _ui()
     ui["nodes"].append({"id": 20, "type": "FancyThirdPartyNode", "widgets_values": []})
-    with pytest.raises(ValueError, match="node 20 is of type 'FancyThirdPartyNode', which the server does not have"):
-        remote.ui_to_api(ui, OBJECT_INFO)
+    with pytest.raises(ValueError, match="node 20 is of type 'FancyThirdPartyNode', an unknown node type"):
+        queueing.ui_to_api(ui, OBJECT_INFO)
     with pytest.raises(ValueError, match="uses subgraphs"):
-        remote.ui_to_api({**_ui(), "definitions": {"subgraphs": [{"id": "x"}]}}, OBJECT_INFO)
+        queueing.ui_to_api({**_ui(), "definitions": {"subgraphs": [{"id": "x"}]}}, OBJECT_INFO)
 
 
 def test_load_workflow_kinds_and_errors(tmp_path):
-    assert remote.load_workflow(_write(tmp_path / "a.json", API))[1] == "api"
-    assert remote.load_workflow(_write(tmp_path / "u.json", _ui()))[1] == "ui"
+    assert queueing.load_workflow(_write(tmp_path / "a.json", API))[1] == "api"
+    assert queueing.load_workflow(_write(tmp_path / "u.json", _ui()))[1] == "ui"
     with pytest.raises(FileNotFoundError, match="workflow not found: .*missing.json"):
-        remote.load_workflow(str(tmp_path / "missing.json"))
+        queueing.load_workflow(str(tmp_path / "missing.json"))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read workflow"):
-        remote.load_workflow(str(tmp_path / "bad.json"))
+        queueing.load_workflow(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="neither a UI-format workflow .* nor an API-format"):
-        remote.load_workflow(_write(tmp_path / "other.json", {"a": 1}))
+        queueing.load_workflow(_write(tmp_path / "other.json", {"a": 1}))
 
 
 # --set -------------------------------------------------------------------------------------------
 
 def test_set_expands_to_the_cartesian_product_by_id_title_or_class():
-    sets = [remote.parse_set("Main.seed=1,2"), remote.parse_set("3.filename_prefix=a\\,b,c"),
-            remote.parse_set("Loader.ckpt=big")]
-    jobs = remote.expand_jobs(API, sets)
+    sets = [queueing.parse_set("Main.seed=1,2"), queueing.parse_set("3.filename_prefix=a\\,b,c"),
+            queueing.parse_set("Loader.ckpt=big")]
+    jobs = queueing.expand_jobs(API, sets)
     assert [o for o, _ in jobs] == [
         {"Main.seed": 1, "3.filename_prefix": "a,b", "Loader.ckpt": "big"},
         {"Main.seed": 1, "3.filename_prefix": "c", "Loader.ckpt": "big"},
         {"Main.seed": 2, "3.filename_prefix": "a,b", "Loader.ckpt": "big"},
         {"Main.seed": 2, "3.filename_prefix": "c", "Loader.ckpt": "big"}]
     assert jobs[2][1]["2"]["inputs"]["seed"] == 2 and API["2"]["inputs"]["seed"] == 1  # a copy per job
-    cast = remote.expand_jobs(API, [remote.parse_set("2.cfg=3"), remote.parse_set("2.prompt=7")])[0][1]["2"]["inputs"]
+    sets = [queueing.parse_set("2.cfg=3"), queueing.parse_set("2.prompt=7")]
+    cast = queueing.expand_jobs(API, sets)[0][1]["2"]["inputs"]
     assert cast["cfg"] == 3.0 and isinstance(cast["cfg"], float) and cast["prompt"] == "7"
 
 
@@ -282,7 +283,7 @@ def test_set_expands_to_the_cartesian_product_by_id_title_or_class():
 ])
 def test_parse_set_errors(text, match):
     with pytest.raises(ValueError, match=match):
-        remote.parse_set(text)
+        queueing.parse_set(text)
 
 
 @pytest.mark.parametrize("text, match", [
@@ -298,7 +299,7 @@ def test_set_errors_name_the_node_and_input(text, match):
         api["2"]["_meta"]["title"] = "Dup"
         api["5"] = copy.deepcopy(api["2"])
     with pytest.raises(ValueError, match=match):
-        remote.expand_jobs(api, [remote.parse_set(text)])
+        queueing.expand_jobs(api, [queueing.parse_set(text)])
 
 
 # Queueing ----------------------------------------------------------------------------------------
@@ -332,10 +333,10 @@ def test_cli_queue_round_robin_two_servers_downloads_everything(servers, tmp_pat
 
 def test_rerun_skips_finished_jobs_and_runs_only_new_ones(servers, tmp_path):
     wf, out = _write(tmp_path / "wf.json", API), str(tmp_path / "out")
-    first = remote.run_queue(wf, [servers[0].url], ["Main.seed=1,2"], out, **_quick())
+    first = queueing.run_queue(wf, [servers[0].url], ["Main.seed=1,2"], out, **_quick())
     assert (first["done"], first["skipped"]) == (2, 0)
     seen = []
-    again = remote.run_queue(wf, [servers[0].url, servers[1].url], ["Main.seed=1,2,3"], out,
+    again = queueing.run_queue(wf, [servers[0].url, servers[1].url], ["Main.seed=1,2,3"], out,
                              report=seen.append, **_quick())
     assert (again["jobs"], again["done"], again["skipped"]) == (3, 1, 2)
     assert [p["2"]["inputs"]["seed"] for s in servers for p in s.received] == [1, 2, 3]
@@ -345,12 +346,12 @@ def test_rerun_skips_finished_jobs_and_runs_only_new_ones(servers, tmp_path):
 def test_rerun_keeps_waiting_for_jobs_still_queued_on_their_server(servers, tmp_path):
     wf, out = _write(tmp_path / "wf.json", API), str(tmp_path / "out")
     servers[0].hold.set()
-    cut = remote.run_queue(wf, [servers[0].url], ["Main.seed=7"], out, **_quick(timeout=0.2))
+    cut = queueing.run_queue(wf, [servers[0].url], ["Main.seed=7"], out, **_quick(timeout=0.2))
     assert cut["failed"] == 1 and "still unfinished" in cut["errors"][0] and "rerun to keep waiting" in cut["errors"][0]
-    with open(os.path.join(out, remote.STATE), encoding="utf-8") as f:
+    with open(os.path.join(out, queueing.STATE), encoding="utf-8") as f:
         assert [j["status"] for j in json.load(f)["jobs"].values()] == ["submitted"]
     servers[0].hold.clear()
-    done = remote.run_queue(wf, [servers[0].url], ["Main.seed=7"], out, **_quick())
+    done = queueing.run_queue(wf, [servers[0].url], ["Main.seed=7"], out, **_quick())
     assert done["done"] == 1 and len(servers[0].received) == 1  # collected, not submitted again
 
 
@@ -358,7 +359,7 @@ def test_ui_workflow_is_converted_with_the_servers_object_info(servers, tmp_path
     ui = _ui()
     ui["nodes"] = [n for n in ui["nodes"] if n["id"] != 12]  # NoiseSeed has no output: not runnable
     wf = _write(tmp_path / "wf.json", ui)
-    summary = remote.run_queue(wf, [servers[0].url], ["Main.seed=8"], str(tmp_path / "out"), **_quick())
+    summary = queueing.run_queue(wf, [servers[0].url], ["Main.seed=8"], str(tmp_path / "out"), **_quick())
     assert summary["done"] == 1
     sent = servers[0].received[0]
     assert {k: (v["class_type"], v["inputs"]) for k, v in sent.items()} == \
@@ -379,9 +380,10 @@ def test_failed_job_is_reported_and_the_others_finish(servers, tmp_path, capsys)
 
 def test_server_validation_error_is_a_clear_error(servers, tmp_path):
     wf = _write(tmp_path / "wf.json", API)
-    with pytest.raises(remote.RemoteError, match=r"refused POST /prompt \(HTTP 400\): Prompt outputs failed validation "
-                                                 r"\[node 2 \(Sampler\): Value smaller than min steps: 0 < 1"):
-        remote.run_queue(wf, [servers[0].url], ["Main.steps=0"], str(tmp_path / "out"), **_quick())
+    with pytest.raises(queueing.RemoteError,
+                       match=r"refused POST /prompt \(HTTP 400\): Prompt outputs failed validation "
+                             r"\[node 2 \(Sampler\): Value smaller than min steps: 0 < 1"):
+        queueing.run_queue(wf, [servers[0].url], ["Main.steps=0"], str(tmp_path / "out"), **_quick())
 
 
 def _closed_port() -> int:
@@ -411,7 +413,7 @@ def test_unreachable_server_exit_2_one_line(servers, tmp_path, capsys):
 def test_bad_queue_inputs(tmp_path, servers_arg, kw, match):
     wf = _write(tmp_path / "wf.json", API)
     with pytest.raises(ValueError, match=match):
-        remote.run_queue(wf, servers_arg, [], str(tmp_path / "out"), **kw)
+        queueing.run_queue(wf, servers_arg, [], str(tmp_path / "out"), **kw)
 
 
 def test_cli_set_error_exit_2(servers, tmp_path, capsys):
@@ -429,7 +431,7 @@ def test_wait_does_not_spin_forever_on_a_quiet_server(servers, tmp_path):
     """Timeout bounds the wait even when the server never finishes a job."""
     servers[0].hold.set()
     start = time.time()
-    summary = remote.run_queue(_write(tmp_path / "wf.json", API), [servers[0].url], [], str(tmp_path / "out"),
+    summary = queueing.run_queue(_write(tmp_path / "wf.json", API), [servers[0].url], [], str(tmp_path / "out"),
                                **_quick(timeout=0.3))
     assert summary["failed"] == 1 and time.time() - start < 10
 
@@ -442,12 +444,9 @@ UI_WORKFLOWS = sorted(f[:-len(".json")] for f in os.listdir(os.path.join(ROOT, "
 
 def _object_info(mappings) -> dict:
     """/object_info as ComfyUI 0.8 builds it from V1 node classes (server.py node_info), for our mappings."""
-    info = {}
-    for name, cls in mappings.items():
-        inputs = cls.INPUT_TYPES()
-        info[name] = {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()},
-                      "output": list(cls.RETURN_TYPES), "display_name": getattr(cls, "TITLE", name)}
-    return json.loads(json.dumps(info))  # through JSON, as a client sees it
+    from wegen.workflow import object_info
+
+    return json.loads(json.dumps(object_info(mappings)))  # through JSON, as a client sees it
 
 
 def _twin(name) -> dict:
@@ -466,18 +465,18 @@ def _plain(api) -> dict:
 
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
 def test_bundled_ui_workflows_convert_to_their_api_twins(comfy_host, name):
-    from nodes import headless
+    from ComfyUI_WeGen.nodes import headless
 
-    converted = remote.ui_to_api(_ui_file(name), _object_info(headless.node_mappings()))
+    converted = queueing.ui_to_api(_ui_file(name), _object_info(headless.node_mappings()))
     assert _plain(converted) == _plain(_twin(name))
 
 
 def test_psr_workflow_expands_with_set(comfy_host):
-    from nodes import headless
+    from ComfyUI_WeGen.nodes import headless
 
-    api = remote.ui_to_api(_ui_file("psr_diversity_sweep"), _object_info(headless.node_mappings()))
-    jobs = remote.expand_jobs(api, [remote.parse_set("WeGen Prompt Self-Rewrite.seed=1,2"),
-                                    remote.parse_set("3.seeds=1,3")])
+    api = queueing.ui_to_api(_ui_file("psr_diversity_sweep"), _object_info(headless.node_mappings()))
+    jobs = queueing.expand_jobs(api, [queueing.parse_set("WeGen Prompt Self-Rewrite.seed=1,2"),
+                                    queueing.parse_set("3.seeds=1,3")])
     assert [(p["2"]["inputs"]["seed"], p["3"]["inputs"]["seeds"]) for _, p in jobs] == [(1, 1), (1, 3), (2, 1), (2, 3)]
 
 
@@ -487,23 +486,25 @@ if COMFYUI_PATH:
     from test_real_host import server as comfyui  # noqa: F401  (fixture: the pack inside a real ComfyUI)
 
 
+@pytest.mark.integration
 @real_host
 def test_queue_converts_every_bundled_workflow_with_the_real_object_info(comfyui):  # noqa: F811
-    info = remote.Server(comfyui.url).object_info()
+    info = queueing.Server(comfyui.url).object_info()
     for name in UI_WORKFLOWS:
-        assert _plain(remote.ui_to_api(_ui_file(name), info)) == _plain(_twin(name)), name
+        assert _plain(queueing.ui_to_api(_ui_file(name), info)) == _plain(_twin(name)), name
 
 
+@pytest.mark.integration
 @real_host
 def test_queue_runs_the_psr_ui_workflow_on_the_real_host(comfyui, tmp_path):  # noqa: F811
     out = str(tmp_path / "q")
     workflow = os.path.join(ROOT, "workflows", "psr_diversity_sweep.json")
     sets = ["WeGen Prompt Self-Rewrite.n=2", "WeGen Prompt Self-Rewrite.max_new_tokens=8", "3.steps=2",
             "3.width=64", "3.height=64", "3.seed=1,2"]
-    summary = remote.run_queue(workflow, [comfyui.url], sets, out, max_pending=2, timeout=600, poll=0.5)
+    summary = queueing.run_queue(workflow, [comfyui.url], sets, out, max_pending=2, timeout=600, poll=0.5)
     assert (summary["done"], summary["failed"]) == (2, 0), summary["errors"]
     for job in ("job_0000", "job_0001"):
         pngs = [f for f in os.listdir(os.path.join(out, job)) if f.endswith(".png")]
         assert len(pngs) == 2 * 2 + 1  # 2 prompts x 2 seeds + the contact sheet
-    again = remote.run_queue(workflow, [comfyui.url], sets, out, timeout=600, poll=0.5)
+    again = queueing.run_queue(workflow, [comfyui.url], sets, out, timeout=600, poll=0.5)
     assert (again["skipped"], again["done"]) == (2, 0)

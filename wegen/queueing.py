@@ -1,4 +1,4 @@
-"""Batch-queue a ComfyUI workflow on running ComfyUI servers over HTTP (stdlib only). EXTENSION.
+"""`python -m wegen queue`: batch-queue a ComfyUI workflow on running ComfyUI servers over HTTP (stdlib). EXTENSION.
 
 `python -m wegen queue WORKFLOW.json --server URL [--server URL ...] [--set NODE.INPUT=v1,v2,...]`
 spreads one workflow, expanded into jobs, over one or more ComfyUI machines, waits, downloads every
@@ -9,14 +9,10 @@ comfyui-host-contract.md, section 1.10) and never imports ComfyUI:
   GET /queue -> {queue_running, queue_pending}   GET /view?filename&subfolder&type -> bytes
   GET /object_info -> node classes (input specs and input_order), needed to convert UI workflows.
 
-Workflows: API format ({id: {class_type, inputs}}) is sent as is. UI format (what the editor saves:
-nodes + links + positional widgets_values) is converted here the way the editor's "Export (API)" does:
-widget values are matched to the class's widget inputs in input_order (required, then optional); the
-editor's extra widget after a control_after_generate input (fixed/increment/decrement/randomize; INT
-inputs named seed / noise_seed get one unless their spec says False) and after an upload combo is skipped; links become
-[source_id, slot]; Reroute nodes are followed, PrimitiveNode values inlined, Note nodes and muted
-nodes (mode 2) dropped, bypassed nodes (mode 4) wired through by type. Subgraphs are refused (export
-those in API format). Seeds are sent as saved: "randomize" only acts in the editor.
+Workflows: API format ({id: {class_type, inputs}}) is sent as is. UI format (what the editor saves) is converted
+by wegen/workflow.py as the editor's "Export (API)" does, with the first server's /object_info as the node
+definitions (Reroute, PrimitiveNode, muted and bypassed nodes as the frontend handles them; subgraphs are refused:
+export those in API format). Seeds are sent as saved: "randomize" only acts in the editor.
 
 --set NODE.INPUT=v1,v2,...: NODE is a node id, a title (_meta.title) or a class_type that is unique;
 INPUT must be a widget input of that node. Values are cast to the type of the value already there
@@ -43,16 +39,12 @@ import urllib.request
 import uuid
 
 from .files import write_json_atomic
+from .workflow import load_workflow, ui_to_api
 
 log = logging.getLogger(__name__)
 
 STATE = "queue_state.json"
 FORMAT = "wegen-queue/1"
-FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # editor-side nodes, never sent
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-SEED_NAMES = {"seed", "noise_seed"}  # the editor adds control_after_generate to these INT inputs
-MODE_MUTED, MODE_BYPASS = 2, 4
 
 
 class RemoteError(ValueError):
@@ -136,141 +128,6 @@ def _http_error(url, method, path, e: urllib.error.HTTPError) -> RemoteError:
         return RemoteError(f"{url} refused {method} {path} (HTTP {e.code}): {msg}" +
                            (f" [{' | '.join(nodes)}]" if nodes else ""))
     return RemoteError(f"{url} answered {method} {path} with HTTP {e.code} {e.reason}")
-
-
-# Workflows ---------------------------------------------------------------------------------------
-
-def load_workflow(path: str) -> tuple[dict, str]:
-    """A workflow file -> (dict, "api" | "ui")."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"workflow not found: {os.path.abspath(path)}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            wf = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read workflow {path}: {e}") from e
-    if isinstance(wf, dict) and isinstance(wf.get("nodes"), list):
-        return wf, "ui"
-    if isinstance(wf, dict) and wf and all(isinstance(v, dict) and "class_type" in v for v in wf.values()):
-        return wf, "api"
-    raise ValueError(f"{path} is neither a UI-format workflow (with 'nodes' and 'links') nor an API-format "
-                     f"prompt ({{id: {{class_type, inputs}}}})")
-
-
-def _links(ui: dict) -> dict:
-    """link id -> (origin node, origin slot), from list links [id, from, slot, to, slot, type] or dict links."""
-    out = {}
-    for link in ui.get("links") or []:
-        if isinstance(link, dict):
-            out[link["id"]] = (link["origin_id"], link["origin_slot"])
-        else:
-            out[link[0]] = (link[1], link[2])
-    return out
-
-
-def _spec_opts(spec) -> dict:
-    return spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
-
-
-def _is_widget(spec) -> bool:
-    kind = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
-    return not _spec_opts(spec).get("forceInput") and (isinstance(kind, list) or kind in WIDGET_TYPES)
-
-
-def widget_names(info: dict) -> list[tuple[str, object]]:
-    """(name, spec) of a class's widget inputs in the editor's order: input_order required, then optional."""
-    inputs = info.get("input", {})
-    order = info.get("input_order") or {sect: list(inputs.get(sect, {})) for sect in ("required", "optional")}
-    out = []
-    for sect in ("required", "optional"):
-        specs = inputs.get(sect, {})
-        out += [(n, specs[n]) for n in order.get(sect, []) if n in specs and _is_widget(specs[n])]
-    return out
-
-
-def widget_values(node: dict, info: dict) -> dict:
-    """A UI node's widgets_values (positional, or a dict) -> {input name: value}."""
-    names = widget_names(info)
-    values = node.get("widgets_values") or []
-    if isinstance(values, dict):
-        return {n: values[n] for n, _ in names if n in values}
-    out, i = {}, 0
-    for j, (name, spec) in enumerate(names):
-        if i >= len(values):
-            break
-        out[name] = values[i]
-        i += 1
-        opts, remaining = _spec_opts(spec), len(names) - j - 1
-        control = opts.get("control_after_generate", name in SEED_NAMES and spec[0] == "INT")
-        upload = any(k.endswith("_upload") and v for k, v in opts.items())
-        if i < len(values) and ((control and values[i] in CONTROL_VALUES) or
-                                (upload and len(values) - i > remaining)):
-            i += 1  # the editor's extra widget: control_after_generate or the upload button
-    return out
-
-
-def ui_to_api(ui: dict, object_info: dict) -> dict:
-    """UI-format workflow -> API-format prompt, using the server's /object_info (see module docstring)."""
-    if (ui.get("definitions") or {}).get("subgraphs"):
-        raise ValueError("this workflow uses subgraphs, which queue cannot convert; export it with "
-                         "'Export (API)' in ComfyUI and queue that file")
-    nodes = {n["id"]: n for n in ui["nodes"]}
-    links = _links(ui)
-    api = {}
-    for nid in sorted(nodes, key=_sort_key):
-        node = nodes[nid]
-        kind = node.get("type")
-        if kind in FRONTEND_ONLY or node.get("mode", 0) in (MODE_MUTED, MODE_BYPASS):
-            continue
-        if kind not in object_info:
-            raise ValueError(f"node {nid} is of type {kind!r}, which the server does not have (not in its "
-                             f"/object_info); install that node pack there or remove the node")
-        inputs = widget_values(node, object_info[kind])
-        for inp in node.get("inputs") or []:
-            name = (inp.get("widget") or {}).get("name", inp.get("name"))
-            if inp.get("link") is None:
-                continue
-            source = _source(nodes, links, inp["link"], set())
-            if source is None:
-                inputs.pop(name, None)
-            elif isinstance(source, tuple):  # a PrimitiveNode's value
-                inputs[name] = source[1]
-            else:
-                inputs[name] = source
-        title = node.get("title") or object_info[kind].get("display_name") or kind
-        api[str(nid)] = {"class_type": kind, "inputs": inputs, "_meta": {"title": title}}
-    if not api:
-        raise ValueError("the workflow has no node to run")
-    return api
-
-
-def _sort_key(nid):
-    return (0, int(nid), "") if str(nid).isdigit() else (1, 0, str(nid))
-
-
-def _source(nodes: dict, links: dict, link_id, seen: set):
-    """Where a link really comes from: [id, slot], ("value", v) for a PrimitiveNode, None if nothing."""
-    if link_id not in links or link_id in seen:
-        return None
-    seen.add(link_id)
-    origin, slot = links[link_id]
-    node = nodes.get(origin)
-    if node is None or node.get("mode", 0) == MODE_MUTED:
-        return None
-    if node.get("type") == "Reroute":
-        ins = node.get("inputs") or []
-        return _source(nodes, links, ins[0].get("link"), seen) if ins else None
-    if node.get("type") == "PrimitiveNode":
-        values = node.get("widgets_values") or [None]
-        return ("value", values[0])
-    if node.get("mode", 0) == MODE_BYPASS:
-        outs = node.get("outputs") or []
-        kind = outs[slot].get("type") if slot < len(outs) else None
-        for inp in node.get("inputs") or []:
-            if inp.get("type") == kind and inp.get("link") is not None:
-                return _source(nodes, links, inp["link"], seen)
-        return None
-    return [str(origin), slot]
 
 
 # --set and jobs ----------------------------------------------------------------------------------
