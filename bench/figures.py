@@ -88,7 +88,8 @@ def layout(module) -> str:
 
 
 def _dtype(t) -> str:
-    return str(t).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16")
+    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+    return names.get(str(t), str(t).replace("torch.", ""))
 
 
 def fig_vae(b):
@@ -241,11 +242,11 @@ def fig_load_full(b):
 
     def stock_fn():
         sd = torch.load(pickle_path, map_location="cpu", weights_only=True)  # the release reads it whole
-        loaded["stock"] = loading.materialize(loading.build_eva(cfg), sd, "eva", loading.LoadReport("x", "x")).to(b.device)
+        loaded["stock"] = loading.materialize(loading.build_eva(cfg), sd, "eva", _report()).to(b.device)
 
     def ours():
         sd = loading.load_safetensors(st_path)
-        loaded["ours"] = loading.materialize(loading.build_eva(cfg), sd, "eva", loading.LoadReport("x", "x")).to(b.device)
+        loaded["ours"] = loading.materialize(loading.build_eva(cfg), sd, "eva", _report()).to(b.device)
 
     row = b.figure(FIGURES[6], stock_fn, ours, repeats=min(b.args.repeats, 3),
                    note=f"the EVA tower ({gb:.2f} GB) onto {b.device}: torch.load of visual.pt (the release) vs "
@@ -257,6 +258,10 @@ def fig_load_full(b):
     for path in (pickle_path, st_path):
         os.remove(path)
     return row
+
+
+def _report():
+    return loading.LoadReport("x", "x")
 
 
 def fig_peak(b):

@@ -40,14 +40,16 @@ def official_modules(dtype=torch.bfloat16, weight_dtype: str = "default", vae_dt
 
 @functools.lru_cache(maxsize=1)
 def _meta_modules() -> dict:
-    return {"mllm": loading.build_mllm(mllm.MllmConfig(), models.LLAMA2_7B), "eva": loading.build_eva(vision.EvaConfig()),
+    return {"mllm": loading.build_mllm(mllm.MllmConfig(), models.LLAMA2_7B),
+            "eva": loading.build_eva(vision.EvaConfig()),
             "unet": loading.build_unet(models.SDXL_UNET), "vae": loading.build_vae(models.SDXL_VAE)}
 
 
 def activation_bytes(dtype_name: str, vae_dtype_name: str, side: int = 1024, cfg: float = 2.0) -> dict:
     """Estimated activation peaks: {"mllm": KV cache + logits, "decode": max(UNet step, VAE decode)}."""
     unet = models.SDXL_UNET
-    info = {"dtype": dtype_name, "vae_dtype": vae_dtype_name, "vae_scale_factor": decoder.DecoderConfig().vae_scale_factor,
+    info = {"dtype": dtype_name, "vae_dtype": vae_dtype_name,
+            "vae_scale_factor": decoder.DecoderConfig().vae_scale_factor,
             "unet_channels": unet["block_out_channels"], "unet_heads": _heads(unet),
             "unet_attention": [t.startswith("CrossAttn") for t in unet["down_block_types"]],
             "vae_channels": models.SDXL_VAE["block_out_channels"], "llm_layers": models.LLAMA2_7B["num_hidden_layers"],

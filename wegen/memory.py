@@ -108,7 +108,7 @@ def stream(module: nn.Module, units: list[nn.Module], device) -> None:
     pin = device.type == "cuda" and torch.cuda.is_available()
     inside = {id(p) for u in units for p in u.parameters()} | {id(b) for u in units for b in u.buffers()}
     for m in module.modules():  # the resident part
-        for key, p in m._parameters.items():
+        for p in m._parameters.values():
             if p is not None and id(p) not in inside:
                 p.data = p.data.to(device)
         for key, b in m._buffers.items():
