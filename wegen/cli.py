@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from . import cli_toy, rules
+from . import cli_toy, inputs, rules
 
 DEFAULT_SESSIONS = os.path.join("output", "wegen", "sessions")  # ComfyUI keeps them in <output>/wegen/sessions
 
@@ -152,6 +152,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        inputs.precheck(args)  # device, texts, output paths and session folders: before any model loads
         if getattr(args, "seed", None) is not None:
             rules.check_seed(args.seed, "--seed")  # before any model is loaded
         if args.command in RECOMMENDED_FOR:
@@ -159,6 +160,9 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args) or 0
     except (ValueError, FileNotFoundError) as e:  # loading.CheckpointError is a ValueError
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder, a folder where a file belongs ...
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -369,8 +373,9 @@ def _rewrite_kwargs(args) -> dict:
         try:
             with open(template[1:], encoding="utf-8") as f:
                 template = f.read()
-        except OSError as e:
-            raise ValueError(f"--template {template}: cannot read the file ({e.strerror or e})") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--template {template}: cannot read the file as UTF-8 text "
+                             f"({getattr(e, 'strerror', None) or e})") from None
     kw = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
               max_chars=args.max_chars, keep_original=args.keep_original, template=template,
               max_rounds=args.max_rounds)
@@ -390,6 +395,7 @@ def cmd_rewrite(args):
 
 def cmd_sweep(args):
     from . import sweep as sw
+    from .images import check_writable
 
     if args.replay:
         return _replay(args)
@@ -404,6 +410,7 @@ def cmd_sweep(args):
     sw.check_sweep_inputs(["-"] * args.n, seeds, settings)
     if os.path.exists(os.path.join(args.out, sw.MANIFEST)) and not args.resume:
         raise ValueError(f"{args.out} already holds a {sw.MANIFEST}; add --resume to continue it, or use another --out")
+    check_writable(args.out, is_dir=True)  # a read-only or full disk: found before the model loads
     executor = _sweep_executor(args)
     try:
         prompts, rewrite = _sweep_prompts(args, executor, kw)
@@ -459,7 +466,7 @@ def _replay(args):
         raise ValueError("--replay needs --out FILE.png")
     check_image_out(args.out)
     eng = manifest["engine"]
-    device = args.device or eng["device"]
+    device = inputs.check_device(args.device or eng["device"])
     if device.startswith("cpu") and eng.get("threads"):
         torch.set_num_threads(int(eng["threads"]))  # CPU float reductions depend on the thread count
     engine = WeGenEngine.load(args.checkpoint or eng["checkpoint"],

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import decoder, fastpath, loading, memory, mllm, prompting, rules, vision
+from . import checks, decoder, fastpath, loading, memory, mllm, prompting, rules, vision
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,10 @@ class WeGenEngine:
             raise ValueError(f"offload must be one of {OFFLOAD_POLICIES}, got {offload!r}")
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}") from e
         if offload == "spread" and self.device.type != "cuda":
             raise ValueError(f"offload='spread' spreads the LLM over CUDA GPUs; device is {device!r}")
         self.preset = preset
@@ -120,6 +123,7 @@ class WeGenEngine:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM embeds "
                 f"{parts.llama_config['vocab_size']}")
         rep = parts.report
+        checks.check_memory(parts, self.device, self.dtype, offload, weight_dtype)  # before anything is allocated
         self.mllm = _cast(loading.build_mllm(self.mllm_cfg, parts.llama_config, parts.mllm_state, rep), self.dtype)
         self.unet = _cast(loading.build_unet(parts.unet_config, parts.unet_state, rep), self.dtype)
         memory.store_fp8(self.mllm, self.weight_storage)

@@ -40,3 +40,19 @@ def write_json_atomic(path: str, data) -> str:
     """`data` as indented UTF-8 JSON, written atomically; returns the path."""
     write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
     return path
+
+
+def probe_folder(folder: str, what: str) -> str:
+    """Write, fsync and remove a small file in `folder` now, so a read-only or full disk is found before any
+    work (not after the model ran); ValueError naming `what` otherwise."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        raise ValueError(f"{what} cannot be written: {folder}: {e.strerror or e}") from None
+    return folder

@@ -7,18 +7,58 @@ import numpy as np
 import torch
 
 
-def load_image(path: str) -> torch.Tensor:
-    """An image file -> (1, H, W, 3) float32 in 0..1 (RGB; alpha dropped)."""
-    from PIL import Image, UnidentifiedImageError
+class ImageError(ValueError):
+    """An image file that is decoded but cannot be used; the message names it."""
 
+
+def load_image(path: str) -> torch.Tensor:
+    """An image file -> (1, H, W, 3) float32 in 0..1 (RGB), decoded correctly or refused with one line.
+
+    EXIF orientation is applied; 16-bit greyscale is scaled by 65535 and 32-bit integer by its range; float
+    (mode F, e.g. float TIFF) is read as 0..1 (clipped; NaN/inf refused); palette, grey, CMYK and alpha images
+    go through PIL's RGB conversion, alpha dropped as the release and ComfyUI's IMAGE do. Images over
+    PIL.Image.MAX_IMAGE_PIXELS are refused before decoding (decompression bombs).
+    """
+    from PIL import Image, ImageOps
+
+    where = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"image {where} is a folder, not an image file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {os.path.abspath(path)}")
+        raise FileNotFoundError(f"image not found: {where}")
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {os.path.abspath(path)}: not a readable image file ({e})") from e
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels")
+            rgb = image_array(ImageOps.exif_transpose(im), where)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {where} is too large to decode ({str(e).split(',')[0]}; the limit is "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels, PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except ImageError:
+        raise
+    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, EOFError ... from a broken file
+        raise ValueError(f"cannot read image {where}: not a readable image file "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     return torch.from_numpy(rgb)[None]
+
+
+def image_array(im, where: str = "image") -> np.ndarray:
+    """A PIL image -> (H, W, 3) float32 in 0..1 (see load_image for how each mode is scaled)."""
+    if im.mode.startswith("I;16"):
+        grey = np.asarray(im, dtype=np.float32) / 65535.0
+    elif im.mode == "I":
+        values = np.asarray(im, dtype=np.float64)
+        scale = 65535.0 if values.size == 0 or (values.min() >= 0 and values.max() <= 65535) else 2.0 ** 31 - 1
+        grey = np.clip(values / scale, 0, 1).astype(np.float32)
+    elif im.mode == "F":
+        grey = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(grey).all():
+            raise ImageError(f"image {where} holds NaN or infinite pixel values")
+        grey = np.clip(grey, 0, 1)
+    else:
+        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))
 
 
 def to_pil(image: torch.Tensor):
@@ -64,14 +104,21 @@ def image_format(path: str) -> str:
 
 
 def check_image_out(path: str) -> str:
-    """An image output path: a suffix PIL can write and a writable folder (checked before any work)."""
+    """An image output path: a suffix PIL can write an RGB picture to, a writable folder (checked before any work)."""
     check_writable(path)
-    image_format(path)
+    fmt = image_format(path)
+    try:
+        encode_image(torch.zeros(8, 8, 3), {"check": "x"}, fmt)
+    except Exception as e:  # XBM, MSP, Palm: no RGB; WMF, HDF5: no save handler
+        raise ValueError(f"output path {path}: PIL cannot write an RGB picture as {fmt} ({e}); use .png "
+                         f"(or .jpg, .webp)") from e
     return path
 
 
 def check_writable(path: str, is_dir: bool = False) -> str:
     """Create the folder for `path` (or `path` itself) and check it can be written; ValueError otherwise."""
+    from .files import probe_folder
+
     folder = path if is_dir else (os.path.dirname(os.path.abspath(path)) or ".")
     try:
         os.makedirs(folder, exist_ok=True)
@@ -80,6 +127,7 @@ def check_writable(path: str, is_dir: bool = False) -> str:
     if not os.access(folder, os.W_OK) or (not is_dir and os.path.isdir(path)):
         raise ValueError(f"output path {path} cannot be written (folder {folder} is not writable, or the path is "
                          f"a folder)")
+    probe_folder(folder, f"output path {path}")
     return path
 
 

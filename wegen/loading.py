@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import rules
+from . import checks, rules
+from .checks import CheckpointError, need_file
 from .decoder import DecoderConfig
 from .mllm import MllmConfig, WeGenMLLM
 from .vision import EvaConfig, VisionTransformer
@@ -60,10 +61,6 @@ IGNORED_AGENT_KEYS = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be used; the message names the path and the fix."""
-
-
 @dataclass
 class LoadReport:
     layout: str
@@ -72,6 +69,7 @@ class LoadReport:
     unexpected: list = field(default_factory=list)
     ignored: list = field(default_factory=list)  # (key, reason)
     sources: list = field(default_factory=list)
+    files: dict = field(default_factory=dict)  # module -> the file its weights came from (named in errors)
 
 
 @dataclass
@@ -128,17 +126,14 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
 
 
 def _need(root: str, rel: str) -> str:
-    full = os.path.join(root, rel)
-    if not os.path.exists(full):
-        raise CheckpointError(f"checkpoint is incomplete: missing {full} (expected at {rel} inside {root})")
-    return full
+    return need_file(os.path.join(root, rel), f" (expected at {rel} inside {root})")
 
 
 def _first_existing(root: str, folder: str, names: tuple[str, ...]) -> str:
     for name in names:
         full = os.path.join(root, folder, name)
-        if os.path.isfile(full):
-            return full
+        if os.path.exists(full):
+            return need_file(full)
     raise CheckpointError(f"checkpoint is incomplete: none of {', '.join(names)} in {os.path.join(root, folder)}")
 
 
@@ -190,16 +185,15 @@ def read_sidecar(root: str) -> dict:
     values = dict(SIDECAR_KEYS)
     path = os.path.join(root, SIDECAR_FILE)
     if os.path.isfile(path):
-        extra = read_json(path)
-        unknown = set(extra) - set(SIDECAR_KEYS)
-        if unknown:
-            raise CheckpointError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(SIDECAR_KEYS)}")
-        values.update({k: int(v) for k, v in extra.items()})
+        values.update(checks.check_sidecar(read_json(path), path))
+    elif os.path.exists(path):
+        need_file(path)
     return values
 
 
-def eva_config_from_state(sd: dict, constants: dict) -> EvaConfig:
+def eva_config_from_state(sd: dict, constants: dict, path: str = "EVA weights") -> EvaConfig:
     """EVA dimensions from tensor shapes; head width and image size from the sidecar constants."""
+    checks.check_eva_state(sd, path)
     width, _, patch, _ = sd["patch_embed.proj.weight"].shape
     layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     n_pos = sd["pos_embed"].shape[1] - 1
@@ -232,25 +226,37 @@ def split_agent_state(agent: dict, report: LoadReport) -> tuple[dict, dict]:
     return mllm, unet
 
 
+def check_configs(llama, unet, vae, scheduler, where: tuple):
+    """Every size of every config in bounds (checks.py), before any weight is read or module built."""
+    checks.check_llama(llama, where[0])
+    checks.check_unet(unet, where[1])
+    checks.check_vae(vae, where[2])
+    checks.check_scheduler(scheduler, where[3])
+
+
 def load_official(root: str) -> LoadedParts:
     required_official_files(root)
     report = LoadReport("official", root)
     constants = read_sidecar(root)
     tok_dir = os.path.join(root, TOKENIZER_DIR)
-    llama_config = read_json(os.path.join(root, LLAMA_DIR, "config.json"))
+    paths = [os.path.join(root, LLAMA_DIR, "config.json"), os.path.join(root, UNET_DIR, "config.json"),
+             os.path.join(root, SDXL_DIR, "vae", "config.json"),
+             os.path.join(root, SDXL_DIR, "scheduler", "scheduler_config.json")]
+    llama_config, unet_config, vae_config, scheduler_config = configs = [read_json(p) for p in paths]
+    check_configs(*configs, where=paths)
     eva_state = load_pickle(os.path.join(root, EVA_FILE))
     report.sources.append(EVA_FILE)
-    unet_config = read_json(os.path.join(root, UNET_DIR, "config.json"))
     unet_state = load_safetensors(os.path.join(root, UNET_DIR, UNET_FILE))
-    vae_config = read_json(os.path.join(root, SDXL_DIR, "vae", "config.json"))
-    vae_state = load_safetensors(_first_existing(root, f"{SDXL_DIR}/vae", (
-        "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")))
-    scheduler_config = read_json(os.path.join(root, SDXL_DIR, "scheduler", "scheduler_config.json"))
+    vae_file = _first_existing(root, f"{SDXL_DIR}/vae", (
+        "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"))
+    vae_state = load_safetensors(vae_file)
+    report.files.update(eva=os.path.join(root, EVA_FILE), unet=os.path.join(root, UNET_DIR, UNET_FILE),
+                        vae=vae_file, mllm=os.path.join(root, FINAL_FILE))
     # Agent weights: stage 2 first, then the final bin on top (the last one wins).
     agent: dict = {}
     for rel in (STAGE2_FILE, FINAL_FILE):
         path = os.path.join(root, rel)
-        if os.path.isfile(path):
+        if os.path.exists(path) and need_file(path):
             agent.update(load_pickle(path))
             report.sources.append(rel)
         else:
@@ -266,7 +272,9 @@ def _assemble(tok_dir, constants, llama_config, unet_config, vae_config, schedul
     if "llm.model.embed_tokens.weight" not in mllm_state or "input_resampler.proj.weight" not in mllm_state:
         raise CheckpointError(f"the agent weights in {report.root} lack the LLM or its projections "
                               f"(no llm.model.embed_tokens.weight / input_resampler.proj.weight)")
-    eva_cfg = eva_config_from_state(eva_state, constants)
+    eva_cfg = eva_config_from_state(eva_state, constants, report.files.get("eva", report.root))
+    for key in ("input_resampler.proj.weight", "llm.model.embed_tokens.weight"):
+        checks.check_matrix(mllm_state, key, report.files.get("mllm", report.root))
     hidden, feature_dim = mllm_state["input_resampler.proj.weight"].shape
     mllm_cfg = MllmConfig(hidden=hidden, feature_dim=feature_dim, n_query=constants["n_query_tokens"],
                           n_gen_tokens=constants["n_gen_tokens"])
@@ -288,13 +296,20 @@ def _assemble(tok_dir, constants, llama_config, unet_config, vae_config, schedul
 
 
 def load_converted(root: str) -> LoadedParts:
-    config = read_json(os.path.join(root, CONVERTED_CONFIG))
+    path = os.path.join(root, CONVERTED_CONFIG)
+    config = read_json(path)
+    sections = ("constants", "llama", "unet", "vae", "scheduler")
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in sections):
+        raise CheckpointError(f"{path}: must be an object with the objects {', '.join(sections)}")
+    constants = dict(SIDECAR_KEYS, **checks.check_sidecar(config["constants"], f"{path}: constants"))
+    check_configs(*(config[k] for k in sections[1:]), where=tuple(f"{path}: {k}" for k in sections[1:]))
     for name in CONVERTED_FILES:
         _need(root, name)
     _need(root, "tokenizer/tokenizer.model")
     report = LoadReport("converted", root, sources=list(CONVERTED_FILES))
+    report.files.update({n.split(".")[0]: os.path.join(root, n) for n in CONVERTED_FILES})
     states = [load_safetensors(os.path.join(root, name)) for name in CONVERTED_FILES]
-    parts = _assemble(os.path.join(root, "tokenizer"), config["constants"], config["llama"], config["unet"],
+    parts = _assemble(os.path.join(root, "tokenizer"), constants, config["llama"], config["unet"],
                       config["vae"], config["scheduler"], *states, report)
     parts.recommended = check_recommended(config.get("recommended", {}), os.path.join(root, CONVERTED_CONFIG))
     return parts
@@ -342,6 +357,7 @@ def load_parts(checkpoint: str) -> LoadedParts:
 
 def materialize(module: torch.nn.Module, state: dict, name: str, report: LoadReport, strict: bool = True):
     """Fill a meta-device module from `state` (assign=True); missing weights are an error naming them."""
+    checks.check_shapes(module, state, name, report.files.get(name, report.root))
     result = module.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         report.unexpected += [f"{name}:{k}" for k in result.unexpected_keys]

@@ -232,6 +232,7 @@ def decode(model: WeGenMLLM, rows_ids: list[list[int]], rows_features: list, ima
         raise ValueError(f"feature_slice must be one of {FEATURE_SLICES}, got {settings.feature_slice!r}")
     if settings.var_cfg_scale < 0:
         raise ValueError(f"var_cfg_scale must be >= 0, got {settings.var_cfg_scale}")
+    check_context(model, rows_ids, image_ids.n + 1 if settings.allow_image else 1)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     B = len(rows_ids)
@@ -305,6 +306,16 @@ def decode(model: WeGenMLLM, rows_ids: list[list[int]], rows_features: list, ima
             row.result.features = model.output_resampler(chosen)  # (64, feature_dim)
     rows[0].result.prompt_cache = prompt_cache
     return [r.result for r in rows]
+
+
+def check_context(model: WeGenMLLM, rows_ids: list[list[int]], reserve: int):
+    """Refuse a prompt that, with `reserve` tokens of reply (the image block), exceeds the model's context."""
+    context = getattr(getattr(model.llm, "config", None), "max_position_embeddings", None)
+    longest = max(len(ids) for ids in rows_ids)
+    if isinstance(context, int) and longest + reserve > context:
+        raise ValueError(f"the prompt is {longest} tokens; with the {reserve} tokens its reply needs at least, that "
+                         f"exceeds the model's context of {context} tokens (max_position_embeddings): shorten the "
+                         f"prompt, or start a new chat session")
 
 
 def _enter_image(model, row: _Row, h, settings):

@@ -10,6 +10,11 @@ depend on which transformers version a ComfyUI install carries:
   * whitespace next to an added token is stripped (4.30 strips plain added tokens both sides);
   * every remaining chunk is sentencepiece-encoded on its own, so it gets the dummy `▁` prefix;
   * BOS is added by hand, never by the encoder.
+User text never becomes control tokens (an extension): added-token strings typed by a user (`<img>`,
+`<img_00003>`, `<loc-5>` ...) or found in a stored reply are encoded as plain text, only the template's
+own image blocks are split out; `<s>`/`</s>` are plain text to sentencepiece anyway; and user text that
+spells the template's turn markers `[INST]` / `[/INST]` (plain text in Llama's vocabulary, so they cannot
+be escaped) is refused with a message naming the input.
 """
 from __future__ import annotations
 
@@ -36,6 +41,30 @@ def seedx_added_tokens() -> list[str]:
     tokens += [f"<loc-{k}>" for k in range(N_LOC_TOKENS)]
     tokens += ["<box_start>", "<box_end>"]
     return tokens
+
+
+TURN_MARKERS = ("[INST]", "[/INST]")
+MAX_ADDED_ID = 1 << 20
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names the file."""
+
+
+def check_user_text(text, name: str = "prompt") -> str:
+    """User text: a str, valid UTF-8 (no lone surrogates from undecodable argv bytes), no turn markers."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid UTF-8 text (an undecodable byte at character {e.start}); "
+                         f"give the text in UTF-8") from None
+    for marker in TURN_MARKERS:
+        if marker in text:
+            raise ValueError(f"{name} contains {marker!r}, the chat template's turn marker; user text may not "
+                             f"start or end a turn, remove it")
+    return text
 
 
 # Official T2I instruction prefix (inference.py: "[INST] Generate a painting: {caption} [/INST]\n").
@@ -66,16 +95,24 @@ class WeGenTokenizer:
         model_path = os.path.join(folder, "tokenizer.model")
         added_path = os.path.join(folder, "added_tokens.json")
         for path in (model_path, added_path):
+            if os.path.isdir(path):
+                raise TokenizerError(f"{path} is a folder where the tokenizer needs a file")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"tokenizer file missing: {path} (expected in the tokenizer folder {folder})")
         self.folder = folder
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
-        with open(added_path, encoding="utf-8") as f:
-            self.added: dict[str, int] = {str(k): int(v) for k, v in json.load(f).items()}
-        self.added_by_id = {v: k for k, v in self.added.items()}
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{model_path} is not a sentencepiece tokenizer model "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         self.bos_id = self.sp.bos_id()  # 1 for Llama
         self.eos_id = self.sp.eos_id()  # 2 for Llama
         self.sp_size = self.sp.get_piece_size()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise TokenizerError(f"{model_path}: the tokenizer model has no BOS/EOS ids (bos {self.bos_id}, "
+                                 f"eos {self.eos_id})")
+        self.added = _read_added(added_path)
+        self.added_by_id = {v: k for k, v in self.added.items()}
         self.vocab_size = max([self.sp_size - 1, *self.added.values()]) + 1
         # Longest match first so "<img_00001>" never splits as "<img" + ...
         pattern = "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True))
@@ -96,17 +133,29 @@ class WeGenTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` without BOS/EOS, legacy slow-tokenizer rules (module docstring)."""
-        if self._split_re is None:
-            return self.sp.encode(text) if text else []
-        parts = [p for p in self._split_re.split(text) if p != ""]
+        return self.encode_spans([(text, False)])
+
+    def encode_spans(self, spans) -> list[int]:
+        """Ids of the concatenated (text, plain) spans: added tokens are split out of template spans only,
+        so a plain span (user text, a stored reply) never yields a control token; otherwise as `encode`."""
+        parts: list[tuple[str, bool]] = []  # (text, is added token), in order
+        run = ""
+        for text, plain in spans:
+            last = 0
+            if not plain and self._split_re is not None:
+                for m in self._split_re.finditer(text):
+                    parts += [(run + text[last:m.start()], False), (m.group(), True)]
+                    run, last = "", m.end()
+            run += text[last:]
+        parts = [p for p in parts + [(run, False)] if p[0] != ""]
         ids: list[int] = []
-        for i, part in enumerate(parts):
-            if part in self.added:
+        for i, (part, token) in enumerate(parts):
+            if token:
                 ids.append(self.added[part])
                 continue
-            if i > 0 and parts[i - 1] in self.added:
+            if i > 0 and parts[i - 1][1]:
                 part = part.lstrip()
-            if i + 1 < len(parts) and parts[i + 1] in self.added:
+            if i + 1 < len(parts) and parts[i + 1][1]:
                 part = part.rstrip()
             if part:
                 ids.extend(self.sp.encode(part))
@@ -131,6 +180,21 @@ class WeGenTokenizer:
         return "".join(out)
 
 
+def _read_added(path: str) -> dict:
+    """added_tokens.json: an object of token string -> distinct integer id."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_ADDED_ID
+                                            for v in raw.values()):
+        raise TokenizerError(f"{path}: must be an object of token -> integer id in 0..{MAX_ADDED_ID - 1}")
+    if len(set(raw.values())) != len(raw):
+        raise TokenizerError(f"{path}: two added tokens share an id")
+    return {str(k): v for k, v in raw.items()}
+
+
 def image_block(n_slots: int) -> str:
     """`<img><img_00000>..<img_{n-1}></img>`: the 66-token block of one image (n=64)."""
     return IMG_START + "".join(img_slot_token(k) for k in range(n_slots)) + IMG_END
@@ -153,11 +217,26 @@ def user_message(text: str, n_images: int, n_slots: int, task: str) -> str:
     task="generate" without images is the release's T2I prompt ("Generate a painting: ...").
     task="chat" or images present use the instruction as typed (SEED-X edit/understanding form).
     """
+    return "".join(t for t, _ in _user_spans(text, n_images, n_slots, task))
+
+
+def _user_spans(text: str, n_images: int, n_slots: int, task: str) -> list[tuple[str, bool]]:
     if task not in ("generate", "chat"):
         raise ValueError(f"task must be 'generate' or 'chat', got {task!r}")
     if n_images == 0 and task == "generate":
-        return GENERATE_PREFIX + text
-    return image_block(n_slots) * n_images + text
+        return [(GENERATE_PREFIX, False), (text, True)]
+    return [(image_block(n_slots) * n_images, False), (text, True)]
+
+
+def conversation_spans(turns: list[Turn], n_slots: int, task: str = "chat") -> list[tuple[str, bool]]:
+    """The conversation as (text, plain) spans: plain spans are user text and replies (see encode_spans)."""
+    spans = []
+    for i, turn in enumerate(turns):
+        check_user_text(turn.user, "the message" if len(turns) > 1 else "the prompt")
+        spans.append(("[INST] " if i == 0 else "\n[INST] ", False))
+        spans += _user_spans(turn.user, turn.user_images, n_slots, task if i == len(turns) - 1 else "chat")
+        spans += [(" [/INST]\n", False), (turn.reply, True), (image_block(n_slots) * turn.reply_images, False)]
+    return spans
 
 
 def conversation_text(turns: list[Turn], n_slots: int, task: str = "chat") -> str:
@@ -165,19 +244,13 @@ def conversation_text(turns: list[Turn], n_slots: int, task: str = "chat") -> st
 
     The last turn's reply may be empty: the model continues from there.
     """
-    pieces = []
-    for i, turn in enumerate(turns):
-        lead = "[INST] " if i == 0 else "\n[INST] "
-        user = user_message(turn.user, turn.user_images, n_slots, task if i == len(turns) - 1 else "chat")
-        pieces.append(f"{lead}{user} [/INST]\n")
-        pieces.append(turn.reply + image_block(n_slots) * turn.reply_images)
-    return "".join(pieces)
+    return "".join(t for t, _ in conversation_spans(turns, n_slots, task))
 
 
 def prompt_ids(tokenizer: WeGenTokenizer, turns: list[Turn], n_slots: int, task: str = "generate",
                force_image: bool = False) -> list[int]:
     """BOS + conversation ids; with force_image the `<img>` id is appended (an extension)."""
-    ids = [tokenizer.bos_id] + tokenizer.encode(conversation_text(turns, n_slots, task))
+    ids = [tokenizer.bos_id] + tokenizer.encode_spans(conversation_spans(turns, n_slots, task))
     if force_image:
         ids.append(tokenizer.token_id(IMG_START))
     return ids

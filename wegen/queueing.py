@@ -33,12 +33,10 @@ import logging
 import os
 import re
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 
 from .files import write_json_atomic
+from .queue_http import REQUEST_TIMEOUT, RemoteError, Server  # noqa: F401  (RemoteError: part of this API)
 from .workflow import load_workflow, ui_to_api
 
 log = logging.getLogger(__name__)
@@ -47,87 +45,7 @@ STATE = "queue_state.json"
 FORMAT = "wegen-queue/1"
 
 
-class RemoteError(ValueError):
-    """A server could not be reached, refused a request, or sent something unexpected."""
-
-
-# HTTP --------------------------------------------------------------------------------------------
-
-class Server:
-    """One ComfyUI server's HTTP API."""
-
-    def __init__(self, url: str, timeout: float = 30.0):
-        parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"--server must be an http(s) URL such as http://127.0.0.1:8188, got {url!r}")
-        self.url = f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
-        self.timeout = timeout
-        self._object_info = None
-
-    def _request(self, method: str, path: str, params=None, body=None) -> bytes:
-        url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        req = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as e:
-            raise _http_error(self.url, method, path, e) from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise RemoteError(f"cannot reach ComfyUI at {self.url} ({method} {path}): {reason}; is the server "
-                              f"running, and listening on that address?") from None
-
-    def get_json(self, path: str, params=None):
-        raw = self._request("GET", path, params)
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            raise RemoteError(f"{self.url}{path} did not answer JSON; is this a ComfyUI server?") from None
-
-    def ping(self):
-        self.queue_ids()
-
-    def object_info(self) -> dict:
-        if self._object_info is None:
-            self._object_info = self.get_json("/object_info")
-        return self._object_info
-
-    def submit(self, prompt: dict, client_id: str) -> str:
-        raw = self._request("POST", "/prompt", body={"prompt": prompt, "client_id": client_id})
-        answer = json.loads(raw)
-        if "prompt_id" not in answer:
-            raise RemoteError(f"{self.url} accepted a prompt but returned no prompt_id: {answer}")
-        return answer["prompt_id"]
-
-    def history(self, prompt_id: str) -> dict | None:
-        """The finished entry of prompt_id, or None while it is queued or running (or unknown)."""
-        return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
-
-    def queue_ids(self) -> set:
-        q = self.get_json("/queue")
-        return {item[1] for key in ("queue_running", "queue_pending") for item in q.get(key, [])
-                if isinstance(item, (list, tuple)) and len(item) > 1}
-
-    def view(self, filename: str, subfolder: str, kind: str) -> bytes:
-        return self._request("GET", "/view", {"filename": filename, "subfolder": subfolder, "type": kind})
-
-
-def _http_error(url, method, path, e: urllib.error.HTTPError) -> RemoteError:
-    try:
-        detail = json.loads(e.read() or b"{}")
-    except (json.JSONDecodeError, OSError):
-        detail = {}
-    if isinstance(detail, dict) and "error" in detail:
-        err = detail["error"]
-        msg = err.get("message", err) if isinstance(err, dict) else err
-        nodes = [f"node {nid} ({v.get('class_type')}): " + "; ".join(x.get("message", "") + " " + x.get("details", "")
-                                                                      for x in v.get("errors", []))
-                 for nid, v in (detail.get("node_errors") or {}).items()]
-        return RemoteError(f"{url} refused {method} {path} (HTTP {e.code}): {msg}" +
-                           (f" [{' | '.join(nodes)}]" if nodes else ""))
-    return RemoteError(f"{url} answered {method} {path} with HTTP {e.code} {e.reason}")
+# HTTP: wegen/queue_http.py (one deadline per request, capped replies, every answer validated) ---------------
 
 
 # --set and jobs ----------------------------------------------------------------------------------
@@ -230,7 +148,7 @@ def run_queue(workflow: str, servers: list[str], sets: list[str] = (), out_dir: 
 
     check_queue_inputs(servers, max_pending, timeout, poll)
     parsed = [parse_set(s) for s in sets]
-    conns = [Server(u) for u in servers]
+    conns = [Server(u, timeout=min(REQUEST_TIMEOUT, timeout), download_timeout=timeout) for u in servers]
     wf, kind = load_workflow(workflow)
     for s in conns:
         s.ping()
@@ -336,9 +254,8 @@ def _collect(server: Server, entry: dict, rec: dict, out_dir: str, summary: dict
             for v in values if isinstance(values, list) else []:
                 if isinstance(v, dict) and "filename" in v:
                     name = os.path.join(folder, _safe_name(f"{node_id}-{v['filename']}"))
-                    data = server.view(v["filename"], v.get("subfolder", ""), v.get("type", "output"))
-                    with open(os.path.join(out_dir, name), "wb") as f:
-                        f.write(data)
+                    server.view_to(v["filename"], v.get("subfolder", ""), v.get("type", "output"),
+                                   os.path.join(out_dir, name))
                     files.append(name)
                 elif not isinstance(v, dict):
                     texts.setdefault(node_id, {}).setdefault(key, []).append(v)
@@ -352,7 +269,7 @@ def _collect(server: Server, entry: dict, rec: dict, out_dir: str, summary: dict
 def _execution_error(status: dict) -> str:
     for msg in status.get("messages") or []:
         if isinstance(msg, (list, tuple)) and len(msg) == 2 and msg[0] in ("execution_error", "execution_interrupted"):
-            d = msg[1] or {}
+            d = msg[1] if isinstance(msg[1], dict) else {}
             where = f"{msg[0]} in node {d.get('node_id')} ({d.get('node_type')})"
             return f"{where}: {d.get('exception_message', '')}".strip()
     return f"status {status.get('status_str')!r}"
@@ -364,16 +281,39 @@ def _safe_name(name: str) -> str:
 
 def _load_state(out_dir: str, workflow: str) -> dict:
     path = os.path.join(out_dir, STATE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return {"format": FORMAT, "workflow": os.path.abspath(workflow), "jobs": {}}
     try:
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the queue state {path}: {e}; move it away to start over") from e
-    if state.get("format") != FORMAT:
+    except (OSError, ValueError) as e:  # a folder, unreadable, not UTF-8, not JSON
+        raise ValueError(f"cannot read the queue state {path}: {getattr(e, 'strerror', None) or e}; move it away "
+                         f"to start over") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} queue state; use another --out")
+    problem = _state_problem(state)
+    if problem:
+        raise ValueError(f"the queue state {path} is corrupt ({problem}); move it away to start over")
     return state
+
+
+def _state_problem(state: dict) -> str | None:
+    """What is wrong with queue_state.json for the fields run_queue reads, or None."""
+    jobs = state.get("jobs")
+    if not isinstance(jobs, dict):
+        return "'jobs' must be an object"
+    for key, rec in jobs.items():
+        if not isinstance(rec, dict):
+            return f"job {key} must be an object"
+        if rec.get("status", "pending") not in ("pending", "submitted", "done", "failed"):
+            return f"job {key} has status {rec.get('status')!r}"
+        if rec.get("status") == "done" and not (isinstance(rec.get("files"), list) and
+                                                all(isinstance(f, str) for f in rec["files"])):
+            return f"job {key}: files must be a list of paths"
+        if rec.get("status") == "submitted" and not (isinstance(rec.get("server"), str) and
+                                                     isinstance(rec.get("prompt_id"), str)):
+            return f"job {key}: a submitted job needs server and prompt_id strings"
+    return None
 
 
 def _save_state(out_dir: str, state: dict):

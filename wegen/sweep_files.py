@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .files import write_atomic, write_json_atomic
+from .inputs import check_features, check_manifest
 
 if TYPE_CHECKING:
     from .sweep import SweepPlan, SweepSettings
@@ -102,7 +103,7 @@ def load_manifest(path: str) -> dict:
         raise ValueError(f"cannot read sweep manifest {path}: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} sweep manifest")
-    return manifest
+    return check_manifest(manifest, path)
 
 
 def write_manifest(out_dir: str, manifest: dict):
@@ -139,8 +140,12 @@ def load_features(out_dir, plan: SweepPlan):
     path = os.path.join(out_dir, FEATURES)
     if not os.path.isfile(path):
         return None
-    features = load_file(path)["features"]
-    return features if features.shape[0] == len(plan.prompts) else None
+    try:
+        features = load_file(path).get("features")
+    except Exception as e:  # SafetensorError, OSError: a damaged or edited file
+        raise ValueError(f"{path} is damaged or was edited ({str(e).splitlines()[0]}); run the sweep again into "
+                         f"a new folder") from e
+    return check_features(features, path, len(plan.prompts))
 
 
 def finish_out_dir(out_dir: str, manifest: dict, sheet: torch.Tensor):
