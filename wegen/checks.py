@@ -330,7 +330,7 @@ def check_memory(parts, device, dtype, offload: str = "none", weight_dtype: str 
     if gpu is not None and offload not in ("spread", "sequential"):
         free, size = gpu
         if weight_dtype != "default":
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             need = {k: (v // itemsize if k in ("LLM", "EVA", "UNet") else v) for k, v in need.items()}
             total = sum(need.values())
         on_gpu = total if offload == "none" else max(need["LLM"], need["UNet"] + need["VAE"], need["EVA"])
