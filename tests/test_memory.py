@@ -173,3 +173,20 @@ def test_cli_memory_and_preset_flags(tiny_ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(args + ["--offload", "nvme"]) == 2
     assert "invalid choice: 'nvme'" in capsys.readouterr().err
+
+
+def test_gpu_memory_check_counts_fp8_storage_and_sequential(engine, monkeypatch):
+    """A GPU between the fp8 and the full-precision size of the largest stage: fp8 + phase fits, phase does not;
+    sequential keeps about one block there and is not refused."""
+    from wegen import checks
+
+    n = checks.estimate_bytes(engine.parts, torch.float16)
+    full = max(n["LLM"], n["UNet"] + n["VAE"], n["EVA"])
+    fp8 = max(n["LLM"] // 2, n["UNet"] // 2 + n["VAE"], n["EVA"] // 2)
+    size = (full + fp8) // 2  # the largest stage fits in fp8, not in fp16
+    monkeypatch.setattr(checks, "gpu_memory", lambda device: (size, size))
+    cuda = torch.device("cuda")
+    with pytest.raises(loading.CheckpointError, match="use offload 'phase'"):
+        checks.check_memory(engine.parts, cuda, torch.float16, "phase")
+    checks.check_memory(engine.parts, cuda, torch.float16, "phase", "fp8_e4m3fn")
+    checks.check_memory(engine.parts, cuda, torch.float16, "sequential")
