@@ -29,6 +29,7 @@ class ChatRef:
     name: str
     turn_ids: tuple = ()
     revision: int = 0
+    reset: bool = False  # the next Chat Turn drops the session's turns, committed with that turn
 
     def __str__(self):
         return f"WeGen chat {self.name!r} ({len(self.turn_ids)} turns)"
@@ -50,8 +51,9 @@ class WeGenChatMemory:
     CATEGORY = "WeGen/chat"
     DESCRIPTION = ("Extension (chat memory): opens a chat session kept on disk in <output>/wegen/sessions/<name>/ "
                    "(JSON + PNG; it survives restarts). Connect it to WeGen Chat Turn. Each run reads the session "
-                   "as it is on disk (the node re-runs whenever the session changed). 'reset' drops every turn "
-                   "and 'undo last turn' removes the latest one, each time this node runs.")
+                   "as it is on disk (the node re-runs whenever the session changed). 'reset' makes the next Chat "
+                   "Turn start the session over (the reset is saved with that turn, so a turn that fails keeps "
+                   "the old ones); 'undo last turn' removes the latest turn, each time this node runs.")
     RETURN_TYPES = ("WEGEN_CHAT",)
     RETURN_NAMES = ("chat",)
     OUTPUT_TOOLTIPS = ("The session's current turns, for WeGen Chat Turn.",)
@@ -63,7 +65,8 @@ class WeGenChatMemory:
             "session_name": ("STRING", {"default": "chat", "tooltip": "Extension: the session's folder name under "
                                         "<output>/wegen/sessions/ (letters, digits, _ . -)."}),
             "action": (list(ACTIONS), {"default": "continue", "tooltip": "Extension: continue = keep the turns; "
-                                       "reset = start the session over on every run; undo last turn = remove the "
+                                       "reset = the next Chat Turn starts the session over, on every run (saved "
+                                       "with that turn: a failed turn keeps the old ones); undo last turn = remove the "
                                        "latest turn on every run (with one Chat Turn after it: redo that turn)."}),
         }}
 
@@ -83,8 +86,9 @@ class WeGenChatMemory:
         sessions.check_session_name(session_name)
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {list(ACTIONS)}, got {action!r}")
-        if action == "reset":
-            return (_ref(sessions.reset_session(root, session_name)),)
+        if action == "reset":  # applied by the next Chat Turn, in the same commit as its turn
+            session = sessions.load_session(root, session_name)
+            return (ChatRef(session.root, session.name, (), session.revision, reset=True),)
         if action == "undo last turn":
             return (_ref(sessions.undo_turn(root, session_name)),)
         return (_ref(sessions.load_session(root, session_name)),)
@@ -162,8 +166,8 @@ class WeGenChatTurn:
         result = chat_turn(
             engine, chat.root, chat.name, message, images, seed=seed, **settings, reference="auto", mask=mask,
             strength=strength, feather=feather, history_features=history_features,
-            feature_slice=engine.recommended["feature_slice"], expect_turns=chat.turn_ids,
-            stage=functools.partial(host.stage, model, engine))
+            feature_slice=engine.recommended["feature_slice"], expect_turns=None if chat.reset else chat.turn_ids,
+            reset=chat.reset, stage=functools.partial(host.stage, model, engine))
         host.show_text(unique_id, result.reply)
         session = result.session
         shown = {"session": session.name, "revision": session.revision, "turns": len(session.turns)}

@@ -13,6 +13,7 @@ def decode_settings(engine, steps, cfg, width, height) -> dict:
     """Decode widgets -> steps, cfg, width, height for the engine: 0 (steps, width, height) and -1 (cfg) become
     the checkpoint's recommendation (engine.recommended); other values pass unchanged (the engine checks them)."""
     rec, auto_cfg = engine.recommended, rules.CFG_RECOMMENDED
+    rules.check_finite(cfg, "cfg")
     if isinstance(cfg, (int, float)) and not isinstance(cfg, bool) and cfg < 0 and cfg != auto_cfg:
         raise ValueError(f"cfg must be >= 0, or {auto_cfg:g} for the checkpoint's recommendation ({rec['cfg']}), "
                          f"got {cfg!r}")
@@ -43,7 +44,7 @@ def image_in(image, name: str = "image"):
         raise ValueError(f"{name} is empty: shape {tuple(image.shape)}")
     if not image.is_floating_point():
         raise ValueError(f"{name} must hold floats in 0..1 (ComfyUI IMAGE), got dtype {image.dtype}")
-    return image.detach().to("cpu", torch.float32).contiguous()
+    return rules.check_finite(image.detach().to("cpu", torch.float32).contiguous(), name)
 
 
 def mask_in(mask, name: str = "mask"):
@@ -56,7 +57,7 @@ def mask_in(mask, name: str = "mask"):
         mask = mask[None]
     if mask.ndim != 3 or mask.numel() == 0:
         raise ValueError(f"{name} must be a MASK (B, H, W) or (H, W), got shape {tuple(mask.shape)}")
-    return mask.detach().to("cpu", torch.float32).contiguous()
+    return rules.check_finite(mask.detach().to("cpu", torch.float32).contiguous(), name)
 
 
 def image_out(images):
@@ -86,7 +87,7 @@ def cond_in(cond, feature_shape: tuple[int, int]):
         raise ValueError(f"cond holds features of shape {tuple(features.shape)} but this model decodes "
                          f"(B, {feature_shape[0]}, {feature_shape[1]}): connect a WEGEN_COND made with the "
                          f"same checkpoint")
-    return features
+    return rules.check_finite(features, "cond")
 
 
 def batch_size(**rows) -> int:

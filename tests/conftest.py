@@ -70,3 +70,10 @@ def session_held():
             worker.join()
 
     return hold
+
+
+@pytest.fixture
+def fast_fsync(monkeypatch):
+    """os.fsync as a no-op: the fault-injection sweeps (tests/faults.py) simulate a process that dies, not a machine
+    that loses power, and thousands of fsyncs are slow on a shared disk."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)

@@ -110,7 +110,10 @@ def test_memory_actions_and_is_changed(comfy_host, model, root):
     after = chat_nodes.WeGenChatMemory.IS_CHANGED("acts", "continue")
     assert before != after  # a changed session re-runs the Memory node (and what follows it)
     assert memory.open("acts", "undo last turn")[0].turn_ids == (1,)
-    assert memory.open("acts", "reset")[0].turn_ids == ()
+    reset = memory.open("acts", "reset")[0]
+    assert reset.turn_ids == () and reset.reset
+    assert sessions.load_session(root, "acts").turn_ids == (1,)  # the next Chat Turn applies it, with its turn
+    assert memory.open("acts", "undo last turn")[0].turn_ids == ()
     assert math.isnan(chat_nodes.WeGenChatMemory.IS_CHANGED("../x", "continue"))
     with pytest.raises(ValueError, match="session name"):
         memory.open("../x", "continue")
@@ -118,6 +121,22 @@ def test_memory_actions_and_is_changed(comfy_host, model, root):
         memory.open("acts", "delete")
     with pytest.raises(ValueError, match="no turn to undo"):
         memory.open("acts", "undo last turn")
+
+
+def test_memory_reset_commits_with_the_next_turn(comfy_host, model, root):
+    memory = chat_nodes.WeGenChatMemory()
+    ref = turn(model, memory.open("again", "continue")[0], "one")["result"][2]
+    turn(model, ref, "two")
+    before = folder_state(os.path.join(root, "again"))
+    comfy_host.interrupt_at_update = len(comfy_host.updates) + 66  # 65 token steps, then denoise step 1
+    with pytest.raises(InterruptProcessingException):
+        turn(model, memory.open("again", "reset")[0], "a fresh start", steps=4)
+    assert folder_state(os.path.join(root, "again")) == before  # the failed turn kept the old turns
+    comfy_host.interrupt_at_update = None
+    out = turn(model, memory.open("again", "reset")[0], "a fresh start")
+    session = sessions.load_session(root, "again")
+    assert out["result"][2].turn_ids == session.turn_ids == (3,) and not out["result"][2].reset
+    assert [t.user for t in session.turns] == ["a fresh start"]
 
 
 def test_interrupted_turn_saves_nothing(comfy_host, model, root):

@@ -480,31 +480,25 @@ def test_psr_workflow_expands_with_set(comfy_host):
     assert [(p["2"]["inputs"]["seed"], p["3"]["inputs"]["seeds"]) for _, p in jobs] == [(1, 1), (1, 3), (2, 1), (2, 3)]
 
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-real_host = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run these")
-if COMFYUI_PATH:
-    from test_real_host import server as comfyui  # noqa: F401  (fixture: the pack inside a real ComfyUI)
-
+# The real ComfyUI: the `server` fixture of tests/comfyui_host.py (skips without COMFYUI_PATH).
 
 @pytest.mark.integration
-@real_host
-def test_queue_converts_every_bundled_workflow_with_the_real_object_info(comfyui):  # noqa: F811
-    info = queueing.Server(comfyui.url).object_info()
+def test_queue_converts_every_bundled_workflow_with_the_real_object_info(server):
+    info = queueing.Server(server.url).object_info()
     for name in UI_WORKFLOWS:
         assert _plain(queueing.ui_to_api(_ui_file(name), info)) == _plain(_twin(name)), name
 
 
 @pytest.mark.integration
-@real_host
-def test_queue_runs_the_psr_ui_workflow_on_the_real_host(comfyui, tmp_path):  # noqa: F811
+def test_queue_runs_the_psr_ui_workflow_on_the_real_host(server, tmp_path):
     out = str(tmp_path / "q")
     workflow = os.path.join(ROOT, "workflows", "psr_diversity_sweep.json")
     sets = ["WeGen Prompt Self-Rewrite.n=2", "WeGen Prompt Self-Rewrite.max_new_tokens=8", "3.steps=2",
             "3.width=64", "3.height=64", "3.seed=1,2"]
-    summary = queueing.run_queue(workflow, [comfyui.url], sets, out, max_pending=2, timeout=600, poll=0.5)
+    summary = queueing.run_queue(workflow, [server.url], sets, out, max_pending=2, timeout=600, poll=0.5)
     assert (summary["done"], summary["failed"]) == (2, 0), summary["errors"]
     for job in ("job_0000", "job_0001"):
         pngs = [f for f in os.listdir(os.path.join(out, job)) if f.endswith(".png")]
         assert len(pngs) == 2 * 2 + 1  # 2 prompts x 2 seeds + the contact sheet
-    again = queueing.run_queue(workflow, [comfyui.url], sets, out, timeout=600, poll=0.5)
+    again = queueing.run_queue(workflow, [server.url], sets, out, timeout=600, poll=0.5)
     assert (again["skipped"], again["done"]) == (2, 0)

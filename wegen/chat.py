@@ -16,14 +16,14 @@ Sessions on disk (folders, the lock, atomic commits) are in sessions.py.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import mllm, prompting, rules
 from .engine import check_images
 from .prefix_cache import PrefixCache, block_digests
-from .sessions import ChatSession, SessionError, TurnRecord, commit_turn, load_session, session_lock, turn_files
+from .sessions import ChatSession, SessionError, TurnRecord, commit_turn, open_session, session_lock, turn_files
 
 HISTORY_FEATURES = rules.HISTORY_FEATURES  # how past generated images re-enter the prompt
 REFERENCES = ("previous", "auto")  # named decoder references (besides None and an image tensor)
@@ -45,7 +45,7 @@ def chat_turn(engine, root: str, name: str, message: str, images: torch.Tensor |
               reference="auto", mask: torch.Tensor | None = None, strength: float = 1.0, feather: int = 16,
               temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512, var_cfg_scale: float = 1.0,
               feature_slice: str = "official", force_image: bool = True, history_features: str = "stored",
-              expect_turns=None, prefix_cache="auto", callback=None, stage=None) -> ChatResult:
+              expect_turns=None, prefix_cache="auto", callback=None, stage=None, reset: bool = False) -> ChatResult:
     """Run one turn of session `name` under its lock and append it; on any failure nothing on disk changes.
 
     Args:
@@ -64,6 +64,8 @@ def chat_turn(engine, root: str, name: str, message: str, images: torch.Tensor |
         callback: the engine's per-step callback (raising in it stops the turn; nothing is saved).
         stage: optional `stage(*module_names)` -> context manager yielding the callback for that stage
             ("mllm"/"eva", then "unet"/"vae"): how ComfyUI puts each stage's modules on the GPU.
+        reset: drop the session's earlier turns; the turn runs without them and the reset commits with the
+            turn, in one step (a turn that fails leaves the old turns in place).
         Other arguments: see WeGenEngine.encode / WeGenEngine.decode_pixels.
     """
     # 1) check inputs (before touching the session)
@@ -78,11 +80,12 @@ def chat_turn(engine, root: str, name: str, message: str, images: torch.Tensor |
     rules.check_sampling(temperature, top_p, max_new_tokens)
 
     with session_lock(root, name):
-        # 2) the session as it is now
-        session = load_session(root, name)
-        if expect_turns is not None and tuple(expect_turns) != session.turn_ids:
+        # 2) the session as it is now (as the turn sees it: without its turns when resetting)
+        on_disk = open_session(root, name)
+        if expect_turns is not None and tuple(expect_turns) != on_disk.turn_ids:
             raise SessionError(f"chat session {name!r} changed since this chat state was made (it holds turns "
-                               f"{list(session.turn_ids)}, expected {list(expect_turns)}); re-run Chat Memory")
+                               f"{list(on_disk.turn_ids)}, expected {list(expect_turns)}); re-run Chat Memory")
+        session = replace(on_disk, turns=()) if reset else on_disk
         ref, ref_label, width, height = _resolve_reference(engine, session, reference, images, mask, strength,
                                                            width, height)
         eva = ("eva",) if images is not None or (history_features == "eva" and session.turns) else ()
@@ -103,9 +106,12 @@ def chat_turn(engine, root: str, name: str, message: str, images: torch.Tensor |
                                var_cfg_scale=var_cfg_scale, feature_slice=feature_slice, force_image=force_image,
                                history_features=history_features)
         blocks = _cat(([new] if new is not None else []) + [features])  # (n_images + 1, 64, C)
+        for value, what in ((blocks, "image features"), (image, "image")):
+            rules.check_finite(value, f"the model's {what}", f"; nothing was saved to chat session {name!r} (a "
+                                                             f"float16 overflow? try dtype fp32 or bf16)")
         record, files = turn_files(session.next_id, message, instruction, images, mask, reply, image, blocks,
                                     record_settings, stats)
-        session = commit_turn(session, record, files)
+        session = commit_turn(on_disk, record, files, reset=reset)
     return ChatResult(image=image, reply=reply, features=features, session=session, record=session.turns[-1])
 
 
@@ -133,6 +139,10 @@ def _check_turn_args(message, images, mask, reference, strength, feather, histor
                              or (mask.ndim == 3 and mask.shape[0] != 1)):
         raise ValueError(f"mask must be a float tensor (H, W) or (1, H, W), 1 = edit, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if mask is not None:
+        rules.check_finite(mask, "mask")
+    if isinstance(reference, torch.Tensor):
+        rules.check_finite(reference, "reference image")
     if mask is not None and rules.empty_mask_rows(mask.reshape(1, *mask.shape[-2:])):
         raise ValueError(f"mask is empty (no value > {rules.EDIT_THRESHOLD}): nothing would change; paint the area "
                          f"to edit (1 = edit)")

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history-features", default="stored", choices=list(rules.HISTORY_FEATURES),
                    help="past images re-enter from their stored 64 features, or re-encoded with EVA")
     _add_feature_slice_arg(p)
-    p.add_argument("--reset", action="store_true", help="drop the session's earlier turns first")
+    p.add_argument("--reset", action="store_true",
+                   help="drop the session's earlier turns; committed with this turn (a failed turn keeps them)")
     p.add_argument("--transcript", default=None, help="also write an HTML transcript of the session here")
     p.add_argument("--out", required=True, help="output PNG path")
 
@@ -214,10 +215,11 @@ def cmd_convert(args):
 
 def cmd_generate(args):
     from .images import check_image_out, load_image, save_png
-    from .rules import check_decode_args, check_size
+    from .rules import check_decode_args, check_finite, check_size
 
     check_image_out(args.out)
     check_decode_args(args.steps, args.cfg, 1.0)
+    check_finite(args.var_cfg, "--var-cfg")
     if args.size:
         check_size(*args.size)
     refs = _load_images(args.image, load_image)
@@ -234,9 +236,11 @@ def cmd_generate(args):
 def _load_images(paths, load_image):
     import torch
 
+    from .rules import check_finite
+
     if not paths:
         return None
-    images = [load_image(p) for p in paths]
+    images = [check_finite(load_image(p), f"--image {p}") for p in paths]
     size = images[0].shape[1:3]
     # EVA resizes every image to 448 px; bring all to the first one's size so they stack
     return torch.cat([im if im.shape[1:3] == size else
@@ -261,7 +265,7 @@ def cmd_reconstruct(args):
     check_decode_args(args.steps, args.cfg, 1.0)
     if args.size:
         check_size(*args.size)
-    image = load_image(args.image)
+    image = _load_images([args.image], load_image)
     engine = _engine(args)
     width, height = _wh(args, engine)
     out = engine.reconstruct(image, seed=args.seed, steps=args.steps, cfg=args.cfg, width=width, height=height)
@@ -272,7 +276,7 @@ def cmd_reconstruct(args):
 def cmd_chat(args):
     from . import chat, sessions
     from .images import check_image_out, check_writable, load_image, save_png
-    from .rules import check_decode_args, check_size
+    from .rules import check_decode_args, check_finite, check_size
 
     sessions.check_session_name(args.session)
     check_image_out(args.out)
@@ -282,16 +286,14 @@ def cmd_chat(args):
     if args.size:
         check_size(*args.size)
     images = _load_images(args.image, load_image)
-    mask = load_image(args.mask)[0].mean(-1) if args.mask else None  # (H, W) 0..1
+    mask = check_finite(load_image(args.mask), f"--mask {args.mask}")[0].mean(-1) if args.mask else None  # (H, W)
     engine = _engine(args)
-    if args.reset:
-        sessions.reset_session(args.sessions_dir, args.session)
     width, height = args.size or (None, None)
     result = chat.chat_turn(engine, args.sessions_dir, args.session, args.message, images, seed=args.seed,
                             steps=args.steps, cfg=args.cfg, width=width, height=height,
                             reference=None if args.reference == "none" else args.reference, mask=mask,
                             strength=args.strength, feather=args.feather, history_features=args.history_features,
-                            feature_slice=args.feature_slice)
+                            feature_slice=args.feature_slice, reset=args.reset)
     save_png(result.image[0], args.out, {"message": args.message, "seed": args.seed, "reply": result.reply})
     if args.transcript:
         sessions.write_transcript(result.session, args.transcript)

@@ -82,7 +82,7 @@ def check_images(images, name: str = "images") -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"{name} must be a float tensor (B, H, W, 3) in 0..1, got {shape}")
-    return images
+    return rules.check_finite(images, name)
 
 
 class WeGenEngine:
@@ -314,6 +314,9 @@ class WeGenEngine:
                 features.shape[1:] != (self.mllm_cfg.n_gen_tokens, self.mllm_cfg.feature_dim):
             raise ValueError(f"features must be (B, {self.mllm_cfg.n_gen_tokens}, {self.mllm_cfg.feature_dim}), got "
                              f"{tuple(getattr(features, 'shape', ()))}")
+        rules.check_finite(features, "features (cond)")
+        if mask is not None:
+            rules.check_finite(mask, "mask")
         width = width or self.decoder_cfg.default_size
         height = height or self.decoder_cfg.default_size
         if reference is not None:

@@ -21,10 +21,10 @@ def write_atomic(path: str, data: bytes):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: str):
+def fsync_dir(folder: str):
     """Make the rename durable; best effort (some filesystems refuse): the new file is already in place."""
     if os.name != "posix":
         return

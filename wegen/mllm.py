@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .prompting import ImageTokenIds
-from .rules import FEATURE_SLICES
+from .rules import FEATURE_SLICES, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,7 @@ def decode(model: WeGenMLLM, rows_ids: list[list[int]], rows_features: list, ima
     # 1) check inputs
     if settings.feature_slice not in FEATURE_SLICES:
         raise ValueError(f"feature_slice must be one of {FEATURE_SLICES}, got {settings.feature_slice!r}")
+    check_finite(settings.var_cfg_scale, "var_cfg_scale")
     if settings.var_cfg_scale < 0:
         raise ValueError(f"var_cfg_scale must be >= 0, got {settings.var_cfg_scale}")
     check_context(model, rows_ids, image_ids.n + 1 if settings.allow_image else 1)

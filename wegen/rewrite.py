@@ -28,7 +28,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from .rules import MAX_NEW_TOKENS_WIDGET, check_seed, seed_rows
+from .rules import MAX_NEW_TOKENS_WIDGET, check_finite, check_seed, seed_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def check_rewrite_inputs(prompt, n, seed, temperature, top_p, max_new_tokens, ma
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
         raise ValueError(f"n (number of rewrites, K) must be an integer in 1..{MAX_N}, got {n!r}")
     check_seed(seed)
+    check_finite(temperature, "temperature")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:

@@ -8,6 +8,27 @@ tensors (masks) use only tensor methods, so torch is never imported here.
 """
 from __future__ import annotations
 
+import math
+
+# Finite numbers only ---------------------------------------------------------------------------------
+# NaN or inf in an image, mask, reference, condition or setting would flow through the UNet into a black picture
+# (and, in a chat, into every later turn): every entry checks with check_finite, so the error names the input;
+# chat turns also check what the model made before saving it.
+
+
+def check_finite(value, name: str, hint: str = ""):
+    """`value` (a number or a tensor) unchanged; ValueError naming `name` when it holds NaN or +-inf."""
+    if hasattr(value, "isfinite") and hasattr(value, "is_floating_point"):  # a tensor (tensor methods only)
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~value.isfinite()).sum())
+            if bad:
+                raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf) among {value.numel()}; "
+                                 f"only finite numbers are allowed{hint}")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}{hint}")
+    return value
+
+
 # Seeds ---------------------------------------------------------------------------------------------
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # torch.Generator.manual_seed's range; ComfyUI's seed widget max
@@ -50,6 +71,7 @@ def check_steps(steps) -> int:
 
 
 def check_strength(strength) -> float:
+    check_finite(strength, "strength")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in 0..1, got {strength!r}")
     return strength
@@ -57,6 +79,7 @@ def check_strength(strength) -> float:
 
 def check_decode_args(steps: int, guidance_scale: float, strength: float) -> None:
     check_steps(steps)
+    check_finite(guidance_scale, "cfg (guidance_scale)")
     if not guidance_scale >= 0:
         raise ValueError(f"cfg (guidance_scale) must be >= 0, got {guidance_scale!r}")
     check_strength(strength)
@@ -76,6 +99,7 @@ HISTORY_FEATURES = ("stored", "eva")  # chat (extension): how past generated ima
 
 def check_sampling(temperature, top_p, max_new_tokens) -> None:
     """Text sampling settings of the MLLM: temperature >= 0 (0 = greedy), top_p in (0, 1], a positive token budget."""
+    check_finite(temperature, "temperature")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     if not 0 < top_p <= 1:

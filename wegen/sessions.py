@@ -3,10 +3,12 @@
 One folder per session (names checked by check_session_name):
   <root>/<name>/session.json      format, revision, next_id and the turns (text, settings, files)
   <root>/<name>/turns/<id>/       user_<i>.png, mask.png, image.png, features.json (base64 float32)
-  <root>/<name>/.lock             one turn at a time, across threads and processes
+  <root>/<name>/.lock             one change at a time, across threads and processes (wegen.locking)
 Each file is written to a temp file in its folder, fsynced and os.replace'd (files.write_atomic). A
-turn is computed in memory, staged in a hidden folder, renamed into place, and committed by replacing
-session.json last: a turn that fails or is interrupted leaves every existing file byte-identical.
+change (turn, reset, undo, fork) writes what its new state needs first (a turn: staged in a hidden
+folder, renamed into place) and commits once, by replacing session.json. Clean-up deletes only what
+the session.json on disk does not list, so an interrupt or a kill at any point leaves the old state or
+the new one; what a killed writer left is removed when the session is next opened under its lock.
 What a turn computes is in chat.py.
 """
 from __future__ import annotations
@@ -21,21 +23,21 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import prompting
-from .files import write_atomic
+from .files import fsync_dir, write_atomic
 from .images import encode_image
+from .locking import folder_lock
+from .rules import check_finite
 
 SESSION_FILE = "session.json"
-LOCK_FILE = ".lock"
 FORMAT = "wegen-chat-session"
 FEATURES_FORMAT = "wegen-chat-features"
 VERSION = 1
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # whole name: re.fullmatch
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 _FILE_RE = re.compile(r"^turns/(\d{6})/([a-z0-9_]+\.(?:png|json))$")
 
@@ -52,11 +54,11 @@ class CorruptSessionError(SessionError):
 
 def check_session_name(name) -> str:
     """A session name that stays inside the sessions folder: 1-64 of A-Z a-z 0-9 _ . -, no '..'."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name \
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name \
             or name.split(".")[0].lower() in _WINDOWS_RESERVED:
         raise SessionError(f"session name must be 1-64 characters of letters, digits, '_', '.', '-', start with a "
-                           f"letter or digit and contain no '..' (it names a folder inside the sessions folder), "
-                           f"got {name!r}")
+                           f"letter or digit and contain no '..', spaces, newlines or other control characters "
+                           f"(it names a folder inside the sessions folder), got {name!r}")
     return name
 
 
@@ -83,63 +85,16 @@ def list_sessions(root: str) -> list[str]:
     return names
 
 
-# The lock: a threading lock + an OS file lock on <session>/.lock ----------------------------------
-
-_THREAD_LOCKS: dict[str, threading.Lock] = {}
-_THREAD_LOCKS_GUARD = threading.Lock()
-
+# The lock (wegen.locking): one change at a time, across threads and processes ------------------------
 
 @contextlib.contextmanager
-def session_lock(root: str, name: str, blocking: bool = True):
-    """Hold the session for one change. Not re-entrant; blocking=False raises SessionError when busy."""
+def session_lock(root: str, name: str, blocking: bool = True, wait: float | None = None):
+    """Hold the session for one change. Not re-entrant. When busy: SessionError naming the holder's pid, at once
+    with blocking=False, else after `wait` seconds (default: $WEGEN_LOCK_WAIT, else 30)."""
     folder = session_folder(root, name)
     os.makedirs(folder, exist_ok=True)
-    with _THREAD_LOCKS_GUARD:
-        tlock = _THREAD_LOCKS.setdefault(os.path.realpath(folder), threading.Lock())
-    if not tlock.acquire(blocking):
-        raise SessionError(f"chat session {name!r} is busy with another turn; try again when it finishes")
-    try:
-        with open(os.path.join(folder, LOCK_FILE), "a+b") as f:
-            if not _lock_file(f, blocking):
-                raise SessionError(f"chat session {name!r} is busy in another process; try again when it finishes")
-            try:
-                yield folder
-            finally:
-                _unlock_file(f)
-    finally:
-        tlock.release()
-
-
-def _lock_file(f, blocking: bool) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-        import time
-        while True:
-            try:
-                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-                return True
-            except OSError:
-                if not blocking:
-                    return False
-                time.sleep(0.05)
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _unlock_file(f):
-    try:
-        import fcntl
-    except ImportError:
-        import msvcrt
-        f.seek(0)
-        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
-        return
-    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with folder_lock(folder, f"chat session {name!r}", wait=wait if blocking else 0, error=SessionError):
+        yield folder
 
 
 # Turn files -------------------------------------------------------------------------------------
@@ -161,7 +116,7 @@ def _features_from_bytes(data: bytes, path: str) -> torch.Tensor:
         if payload.get("format") != FEATURES_FORMAT or payload.get("dtype") != "float32":
             raise ValueError("not a wegen features file")
         flat = np.frombuffer(base64.b64decode(payload["data"], validate=True), dtype="<f4")
-        return torch.from_numpy(flat.astype(np.float32).reshape(shape).copy())
+        return check_finite(torch.from_numpy(flat.astype(np.float32).reshape(shape).copy()), "the features")
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptSessionError(f"chat features file {path} is corrupt ({e}); the session was left untouched") from e
 
@@ -292,72 +247,113 @@ def session_revision(root: str, name: str) -> int:
     return load_session(root, name).revision
 
 
-def _save(session: ChatSession) -> ChatSession:
-    session = replace(session, revision=session.revision + 1, created=session.created or _now())
-    write_atomic(os.path.join(session.folder, SESSION_FILE), session.to_json())
-    return session
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _remove_turn_folders(session: ChatSession, turns):
-    for t in turns:
-        shutil.rmtree(os.path.join(session.folder, "turns", f"{t.id:06d}"), ignore_errors=True)
+# Changes: each one commits once, by replacing session.json --------------------------------------
+# A change writes what the new state needs (turn folders) first, then replaces session.json: the one atomic
+# step. Clean-up deletes only what the session.json on disk does not list, decided by reading it again, so
+# an interrupt at any point (even between the replace and its fsync) never deletes what session.json lists.
+
+def open_session(root: str, name: str) -> ChatSession:
+    """The session as on disk, after removing what killed writers left (.tmp-*, .stage-*, unlisted turn
+    folders). Call under session_lock."""
+    session = load_session(root, name)
+    fsync_dir(session.folder)  # the session.json just read is durable before anything it doesn't list goes
+    _remove_leftovers(session.root, name)
+    return session
+
+
+def _remove_leftovers(root: str, name: str, keep=()):
+    """Delete temp files, staging folders and turn folders that neither session.json on disk nor `keep`
+    (turn ids) lists. Nothing when session.json cannot be read."""
+    try:
+        listed = {*keep, *load_session(root, name).turn_ids}
+    except (SessionError, OSError):
+        return
+    folder = session_folder(root, name)
+    turns_dir = os.path.join(folder, "turns")
+    for entry in os.listdir(folder):
+        if entry.startswith(".tmp-"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, entry))
+    for entry in os.listdir(turns_dir) if os.path.isdir(turns_dir) else ():
+        if entry.startswith(".stage-") or (re.fullmatch(r"\d{6}", entry) and int(entry) not in listed):
+            shutil.rmtree(os.path.join(turns_dir, entry), ignore_errors=True)
+
+
+def _after_failure(session: ChatSession):
+    """A change failed or was interrupted: drop what it wrote that session.json on disk does not list (it
+    may list the new state: the replace can have happened); a clean-up error never hides the first one."""
+    with contextlib.suppress(Exception):
+        _remove_leftovers(session.root, session.name, keep=session.turn_ids)
+
+
+def _commit(old: ChatSession, new: ChatSession) -> ChatSession:
+    """Replace session.json with `new` (revision + 1), then delete what only `old` listed."""
+    new = replace(new, revision=old.revision + 1, created=new.created or old.created or _now())
+    try:
+        write_atomic(os.path.join(new.folder, SESSION_FILE), new.to_json())
+    except BaseException:
+        _after_failure(old)
+        raise
+    with contextlib.suppress(OSError):  # committed; what is left is removed on the next open
+        _remove_leftovers(new.root, new.name)
+    return new
 
 
 def _require(root, name) -> ChatSession:
-    session = load_session(root, name)
+    session = open_session(root, name)
     if not os.path.exists(os.path.join(session.folder, SESSION_FILE)):
         raise SessionError(f"no chat session named {name!r} in {os.path.abspath(root)}")
     return session
 
 
+def _exists(root, name):
+    """SessionError for a missing session, checked before locking (the lock would create its folder)."""
+    if not os.path.exists(os.path.join(session_folder(root, name), SESSION_FILE)):
+        raise SessionError(f"no chat session named {name!r} in {os.path.abspath(root)}")
+
+
 def reset_session(root: str, name: str, blocking: bool = True) -> ChatSession:
-    """Drop every turn (the session keeps its name and folder)."""
+    """Drop every turn (the session keeps its name, folder and turn numbering)."""
     with session_lock(root, name, blocking):
-        session = load_session(root, name)
+        session = open_session(root, name)
         if not session.turns and session.revision == 0:
             return session
-        new = _save(replace(session, turns=()))
-        _remove_turn_folders(session, session.turns)
-        return new
+        return _commit(session, replace(session, turns=()))
 
 
 def undo_turn(root: str, name: str, blocking: bool = True) -> ChatSession:
     """Remove the last turn."""
-    _require(root, name)  # before locking: the lock would create a folder for a missing session
+    _exists(root, name)
     with session_lock(root, name, blocking):
         session = _require(root, name)
         if not session.turns:
             raise SessionError(f"chat session {name!r} has no turn to undo")
-        new = _save(replace(session, turns=session.turns[:-1]))
-        _remove_turn_folders(session, session.turns[-1:])
-        return new
+        return _commit(session, replace(session, turns=session.turns[:-1]))
 
 
 def fork_session(root: str, name: str, new_name: str, k: int) -> ChatSession:
     """New session `new_name` holding copies of the first k turns of `name` (0 <= k <= len(turns))."""
     if check_session_name(new_name) == check_session_name(name):
         raise SessionError(f"fork needs a new session name, got {new_name!r} twice")
-    _check_fork(_require(root, name), load_session(root, new_name), k)  # before locking creates any folder
+    _exists(root, name)
+    _check_fork(load_session(root, name), load_session(root, new_name), k)  # before locking creates any folder
     first, second = sorted((name, new_name))
     with session_lock(root, first), session_lock(root, second):
-        src, dst = _require(root, name), load_session(root, new_name)
+        src, dst = _require(root, name), open_session(root, new_name)
         _check_fork(src, dst, k)
-        copied = []
         try:
             os.makedirs(os.path.join(dst.folder, "turns"), exist_ok=True)
             for t in src.turns[:k]:
-                target = os.path.join(dst.folder, "turns", f"{t.id:06d}")
-                shutil.copytree(os.path.join(src.folder, "turns", f"{t.id:06d}"), target)
-                copied.append(target)
-            return _save(replace(dst, turns=src.turns[:k], next_id=src.next_id, revision=0, created=""))
+                shutil.copytree(os.path.join(src.folder, "turns", f"{t.id:06d}"),
+                                os.path.join(dst.folder, "turns", f"{t.id:06d}"))
         except BaseException:
-            for c in copied:
-                shutil.rmtree(c, ignore_errors=True)
+            _after_failure(dst)
             raise
+        return _commit(dst, replace(dst, turns=src.turns[:k], next_id=src.next_id, created=""))
 
 
 def _check_fork(src: ChatSession, dst: ChatSession, k):
@@ -367,34 +363,28 @@ def _check_fork(src: ChatSession, dst: ChatSession, k):
         raise SessionError(f"session {dst.name!r} already exists; fork into a new name")
 
 
-def commit_turn(session: ChatSession, record: TurnRecord, files: dict) -> ChatSession:
-    """Write a turn's files (staged, renamed into place) and then session.json; undo all of it on failure.
-
-    Call under session_lock with the snapshot read under that lock.
-    """
+def commit_turn(session: ChatSession, record: TurnRecord, files: dict, reset: bool = False) -> ChatSession:
+    """Write a turn's files (staged, renamed into place), then session.json with the turn appended (reset:
+    with the turn alone). Call under session_lock with the snapshot open_session read under that lock."""
     turns_dir = os.path.join(session.folder, "turns")
-    made_dir = not os.path.isdir(turns_dir)
-    os.makedirs(turns_dir, exist_ok=True)
     tid = max(session.next_id, record.id)
-    while os.path.exists(os.path.join(turns_dir, f"{tid:06d}")):  # leftover of a killed commit: skip its id
+    while os.path.exists(os.path.join(turns_dir, f"{tid:06d}")):  # a folder that could not be removed
         tid += 1
     record = _renumber(record, tid)
-    stage = tempfile.mkdtemp(prefix=".stage-", dir=turns_dir)
-    final = os.path.join(turns_dir, f"{tid:06d}")
     try:
+        os.makedirs(turns_dir, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=".stage-", dir=turns_dir)
         for rel, data in files.items():
             with open(os.path.join(stage, rel.rsplit("/", 1)[-1]), "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        os.rename(stage, final)
-        return _save(replace(session, turns=session.turns + (record,), next_id=tid + 1))
+        os.rename(stage, os.path.join(turns_dir, f"{tid:06d}"))
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
-        if made_dir:
-            shutil.rmtree(turns_dir, ignore_errors=True)
+        _after_failure(session)
         raise
+    turns = () if reset else session.turns
+    return _commit(session, replace(session, turns=turns + (record,), next_id=tid + 1))
 
 
 def _renumber(record: TurnRecord, tid: int) -> TurnRecord:
