@@ -23,14 +23,16 @@ import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from ..wegen import rules
+
 log = logging.getLogger(__name__)
 
 MODEL_FOLDER = "wegen"  # folder_paths key and models/<folder>
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICE_POLICIES = ("gpu", "offload when idle", "cpu")
-PRESETS = ("comfyui", "release")  # wegen.engine.PRESETS
-OFFLOAD_MODES = ("auto", "none", "idle", "phase", "sequential")  # auto: as the device policy says
-WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2")  # wegen.memory.WEIGHT_DTYPES
+PRESETS = rules.PRESETS
+OFFLOAD_MODES = ("auto", *rules.OFFLOAD_MODES)  # auto: as the device policy says
+WEIGHT_DTYPES = rules.WEIGHT_DTYPES
 PREVIEW_EVERY = 2  # denoise steps between latent previews
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # SDXL latent -> RGB approximation (published linear factors for the SDXL VAE's 4 latent channels).

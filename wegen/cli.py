@@ -37,18 +37,12 @@ def _size(text: str) -> tuple[int, int]:
 def _add_engine_args(p, checkpoint_required=True):
     p.add_argument("--checkpoint", required=checkpoint_required,
                    help="wegen_mllm_ckpt/ folder, its parent, or a converted folder")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype (auto: bf16 on GPUs that have it, else fp16; fp16 under --preset release; "
-                        "fp32 on the CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--preset", default="comfyui", choices=["comfyui", "release"],
-                   help="release: the release's fp16 + fp32 VAE, noise from a device generator in the model dtype, "
-                        "max-new-tokens counting every token, bilinear input resize (see the README)")
-    p.add_argument("--offload", default="none", choices=["none", "idle", "phase", "sequential"],
-                   help="GPU memory mode: idle/phase move each stage's modules in and out, sequential streams "
-                        "layers from CPU memory (slowest, least memory)")
-    p.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn", "fp8_e5m2"],
-                   help="store LLM/EVA/UNet weights in fp8 (half of bf16), upcast per layer when it runs")
+    for flag, choices, tip in (("--preset", rules.PRESETS, "release: the release's numerics (see the README)"),
+                               ("--offload", rules.OFFLOAD_MODES, "GPU memory mode (README: GPU memory)"),
+                               ("--weight-dtype", rules.WEIGHT_DTYPES, "fp8: weights stored in fp8 (extension)")):
+        p.add_argument(flag, default=choices[0], choices=choices, help=tip)
 
 
 def _add_decode_args(p):
@@ -81,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="official layout -> converted layout (safetensors, mmap)")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn", "fp8_e5m2"],
-                   help="store LLM/EVA/UNet Linear and Conv weights in fp8 (src may then be a converted folder)")
+    p.add_argument("--weight-dtype", default="default", choices=rules.WEIGHT_DTYPES,
+                   help="fp8: LLM/EVA/UNet Linear and Conv weights stored in fp8 (src may then be converted)")
 
     p = sub.add_parser("generate", help="prompt (+ reference images) -> PNG")
     _add_engine_args(p)
@@ -435,7 +429,7 @@ def _sweep_executor(args):
         from .ray_sweep import RayExecutor
 
         return RayExecutor(args.checkpoint, args.ray or None, dtype=args.dtype, device=args.device,
-                           offload=args.offload, workers=args.ray_workers, preset=args.preset,
+                           workers=args.ray_workers, offload=args.offload, preset=args.preset,
                            weight_dtype=args.weight_dtype)
     except ImportError as e:
         raise ValueError(str(e)) from e
@@ -473,8 +467,7 @@ def _replay(args):
         torch.set_num_threads(int(eng["threads"]))  # CPU float reductions depend on the thread count
     engine = WeGenEngine.load(args.checkpoint or eng["checkpoint"],
                               dtype=eng["dtype"] if args.dtype == "auto" else args.dtype, device=device,
-                              preset=eng.get("preset", args.preset),
-                              weight_dtype=eng.get("weight_dtype", args.weight_dtype))
+                              preset=eng.get("preset", args.preset), weight_dtype=eng.get("weight_dtype", "default"))
     image = reproduce(engine, manifest, args.index)
     item = manifest["items"][args.index]
     save_png(image[0], args.out, {"prompt": item["prompt"], "seed": item["seed"], "sweep_index": args.index})

@@ -38,7 +38,7 @@ RESIDENT_POLICIES = ("none", "sequential", "spread")  # modules are placed once,
 MODULES = ("mllm", "unet", "vae", "eva")  # the engine's torch modules, by attribute name
 # comfyui (default): CPU fp32 noise (a seed gives the same picture on every GPU), bf16 where supported, text-only
 # token budget, bicubic input resize. release: the release's choices (README "Official behaviour and extensions").
-PRESETS = ("comfyui", "release")
+PRESETS = rules.PRESETS
 _ENGINES: dict = {}
 _ENGINES_LOCK = threading.Lock()
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import rules
+
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 STREAMED = "_wegen_streamed"  # attribute set on a streamed block: fastpath checks it
 
@@ -148,7 +150,7 @@ def is_streamed(module: nn.Module) -> bool:
 
 # Device bytes per mode, counted on the meta device ---------------------------------------------------
 
-OFFLOAD_MODES = ("none", "idle", "phase", "sequential")
+OFFLOAD_MODES = rules.OFFLOAD_MODES
 
 
 def _bytes(tensors) -> int:
