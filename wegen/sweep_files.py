@@ -48,8 +48,8 @@ def build_manifest(info: dict, settings: SweepSettings, plan: SweepPlan, rewrite
     return {
         "format": FORMAT,
         "extension": "WeGen diversity sweep (not in the official release)",
-        "engine": {k: info[k] for k in ("checkpoint", "dtype", "vae_dtype", "device", "offload", "threads",
-                                        "torch")},
+        "engine": {k: info[k] for k in ("checkpoint", "dtype", "vae_dtype", "device", "offload", "preset",
+                                        "weight_dtype", "threads", "torch")},
         "settings": asdict(settings),
         "rewrite": rewrite,
         "prompts": plan.prompts,
