@@ -30,9 +30,16 @@ class ChatRef:
     turn_ids: tuple = ()
     revision: int = 0
     reset: bool = False  # the next Chat Turn drops the session's turns, committed with that turn
+    undone: int | None = None  # undo: the id of the last turn, which the next Chat Turn drops (same commit)
 
     def __str__(self):
         return f"WeGen chat {self.name!r} ({len(self.turn_ids)} turns)"
+
+    def expect_turns(self):
+        """The turn ids the session must hold on disk when the next Chat Turn runs (None: any, for a reset)."""
+        if self.reset:
+            return None
+        return self.turn_ids + (() if self.undone is None else (self.undone,))
 
 
 def chat_in(chat) -> ChatRef:
@@ -53,7 +60,8 @@ class WeGenChatMemory:
                    "(JSON + PNG; it survives restarts). Connect it to WeGen Chat Turn. Each run reads the session "
                    "as it is on disk (the node re-runs whenever the session changed). 'reset' makes the next Chat "
                    "Turn start the session over (the reset is saved with that turn, so a turn that fails keeps "
-                   "the old ones); 'undo last turn' removes the latest turn, each time this node runs.")
+                   "the old ones); 'undo last turn' makes the next Chat Turn replace the latest turn (saved the "
+                   "same way: a turn that fails keeps it).")
     RETURN_TYPES = ("WEGEN_CHAT",)
     RETURN_NAMES = ("chat",)
     OUTPUT_TOOLTIPS = ("The session's current turns, for WeGen Chat Turn.",)
@@ -66,8 +74,9 @@ class WeGenChatMemory:
                                         "<output>/wegen/sessions/ (letters, digits, _ . -)."}),
             "action": (list(ACTIONS), {"default": "continue", "tooltip": "Extension: continue = keep the turns; "
                                        "reset = the next Chat Turn starts the session over, on every run (saved "
-                                       "with that turn: a failed turn keeps the old ones); undo last turn = remove the "
-                                       "latest turn on every run (with one Chat Turn after it: redo that turn)."}),
+                                       "with that turn: a failed turn keeps the old ones); undo last turn = the "
+                                       "next Chat Turn replaces the latest turn, on every run (saved with that "
+                                       "turn: a failed turn keeps it)."}),
         }}
 
     @classmethod
@@ -86,12 +95,16 @@ class WeGenChatMemory:
         sessions.check_session_name(session_name)
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {list(ACTIONS)}, got {action!r}")
-        if action == "reset":  # applied by the next Chat Turn, in the same commit as its turn
-            session = sessions.load_session(root, session_name)
+        session = sessions.load_session(root, session_name)
+        # reset and undo are applied by the next Chat Turn, in the same commit as its turn
+        if action == "reset":
             return (ChatRef(session.root, session.name, (), session.revision, reset=True),)
         if action == "undo last turn":
-            return (_ref(sessions.undo_turn(root, session_name)),)
-        return (_ref(sessions.load_session(root, session_name)),)
+            if not session.turns:
+                raise sessions.SessionError(f"chat session {session_name!r} has no turn to undo")
+            return (ChatRef(session.root, session.name, session.turn_ids[:-1], session.revision,
+                            undone=session.turn_ids[-1]),)
+        return (_ref(session),)
 
 
 class WeGenChatTurn:
@@ -166,8 +179,8 @@ class WeGenChatTurn:
         result = chat_turn(
             engine, chat.root, chat.name, message, images, seed=seed, **settings, reference="auto", mask=mask,
             strength=strength, feather=feather, history_features=history_features,
-            feature_slice=engine.recommended["feature_slice"], expect_turns=None if chat.reset else chat.turn_ids,
-            reset=chat.reset, stage=functools.partial(host.stage, model, engine))
+            feature_slice=engine.recommended["feature_slice"], expect_turns=chat.expect_turns(), reset=chat.reset,
+            undo=chat.undone is not None, stage=functools.partial(host.stage, model, engine))
         host.show_text(unique_id, result.reply)
         session = result.session
         shown = {"session": session.name, "revision": session.revision, "turns": len(session.turns)}

@@ -7,7 +7,9 @@ from . import convert, host
 
 
 def _seed_input(default: int):
-    return rules.widget("seed", "Noise seed (release: 42). Image b of a batch uses seed + b; same seed, same image.",
+    return rules.widget("seed", "Noise seed (release: 42). Image b of a batch uses seed + b; same seed, same image. "
+                                "Noise comes from a CPU generator (the same picture on every GPU), or from the "
+                                "GPU's own generator in the model dtype under the Loader's preset 'release'.",
                         default=default)
 
 

@@ -33,8 +33,10 @@ class WeGenMLLMEncode:
                 "temperature": rules.widget("temperature", "0 = greedy, as the release. > 0 samples the text "
                                                            "(extension)."),
                 "top_p": rules.widget("top_p"),
-                "max_new_tokens": rules.widget("max_new_tokens", "Text-token budget before the image block "
-                                                                 "(release: 512)."),
+                "max_new_tokens": rules.widget("max_new_tokens", "Token budget (release: 512). Counts text tokens "
+                                                                 "only (default preset), or every generated token, "
+                                                                 "the 66-token image block included, under the "
+                                                                 "Loader's preset 'release' (as the release counts)."),
                 "var_cfg_scale": rules.widget("var_cfg_scale"),
                 "feature_slice": rules.widget("feature_slice"),
                 "force_image": ("BOOLEAN", {"default": True,

@@ -23,11 +23,16 @@ import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from ..wegen import rules
+
 log = logging.getLogger(__name__)
 
 MODEL_FOLDER = "wegen"  # folder_paths key and models/<folder>
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICE_POLICIES = ("gpu", "offload when idle", "cpu")
+PRESETS = rules.PRESETS
+OFFLOAD_MODES = ("auto", *rules.OFFLOAD_MODES)  # auto: as the device policy says
+WEIGHT_DTYPES = rules.WEIGHT_DTYPES
 PREVIEW_EVERY = 2  # denoise steps between latent previews
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # SDXL latent -> RGB approximation (published linear factors for the SDXL VAE's 4 latent channels).
@@ -149,9 +154,14 @@ class WeGenModel:
     checkpoint: str  # absolute folder path
     dtype: str = "auto"  # one of DTYPES
     device: str = "gpu"  # one of DEVICE_POLICIES
+    preset: str = "comfyui"  # one of PRESETS
+    offload: str = "auto"  # one of OFFLOAD_MODES
+    weight_dtype: str = "default"  # one of WEIGHT_DTYPES
 
     def __str__(self):
-        return f"WeGen {os.path.basename(self.checkpoint)} ({self.dtype}, {self.device})"
+        extra = "".join(f", {v}" for v, d in ((self.preset, "comfyui"), (self.offload, "auto"),
+                                             (self.weight_dtype, "default")) if v != d)
+        return f"WeGen {os.path.basename(self.checkpoint)} ({self.dtype}, {self.device}{extra})"
 
 
 def check_handle(model) -> WeGenModel:
@@ -160,21 +170,29 @@ def check_handle(model) -> WeGenModel:
     return model
 
 
-def placement(policy: str, host=None) -> tuple[str, str, bool]:
-    """Device policy -> (engine device, engine offload, managed by ComfyUI's ModelPatcher)."""
+def placement(policy: str, host=None, offload: str = "auto") -> tuple[str, str, bool]:
+    """Device policy (+ the loader's offload choice) -> (engine device, engine offload, managed by ComfyUI's
+    ModelPatcher). An offload other than auto/none: the engine moves its modules itself."""
     if policy not in DEVICE_POLICIES:
         raise ValueError(f"device must be one of {list(DEVICE_POLICIES)}, got {policy!r}")
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {list(OFFLOAD_MODES)}, got {offload!r}")
     if policy == "cpu":
         return "cpu", "none", False
-    if host is not None and host.mm is not None:
-        device = str(host.mm.get_torch_device())
-    else:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if policy == "offload when idle":
+    if offload not in ("auto", "none"):
+        return _gpu_device(host), offload, False
+    device = _gpu_device(host)
+    if policy == "offload when idle" and offload == "auto":
         return device, ("none" if device == "cpu" else "idle"), False
     return device, "none", host is not None and host.mm is not None and host.model_patcher is not None
+
+
+def _gpu_device(host) -> str:
+    if host is not None and host.mm is not None:
+        return str(host.mm.get_torch_device())
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 _LOADED: set = set()  # placements already loaded once (ComfyUI frees room before the first load only)
@@ -188,13 +206,14 @@ def load_engine(model: WeGenModel):
 
     model = check_handle(model)
     host = comfy()
-    device, offload, _ = placement(model.device, host)
-    resolved = engine_api.resolve_dtype(model.dtype, torch.device(device))
+    device, offload, _ = placement(model.device, host, model.offload)
+    resolved = engine_api.resolve_dtype(model.dtype, torch.device(device), model.preset)
     dtype = next(name for name, d in engine_api.DTYPES.items() if d == resolved)  # "auto" shares its twin's engine
-    key = (os.path.realpath(model.checkpoint), dtype, device, offload)
+    key = (os.path.realpath(model.checkpoint), dtype, device, offload, model.preset, model.weight_dtype)
     if host is not None and host.mm is not None and device != "cpu" and key not in _LOADED:
         host.mm.free_memory(_folder_bytes(model.checkpoint), torch.device(device))
-    engine = engine_api.WeGenEngine.load(model.checkpoint, dtype=dtype, device=device, offload=offload)
+    engine = engine_api.WeGenEngine.load(model.checkpoint, dtype=dtype, device=device, offload=offload,
+                                         preset=model.preset, weight_dtype=model.weight_dtype)
     _LOADED.add(key)
     return engine
 
@@ -253,12 +272,12 @@ def stage(model: WeGenModel, engine, *names: str):
     the modules in and out itself. Without ComfyUI, or on "cpu": nothing to do.
     """
     host = comfy()
-    device, offload, managed = placement(model.device, host)
+    device, offload, managed = placement(model.device, host, model.offload)
     if host is not None and host.mm is not None:
         host.mm.throw_exception_if_processing_interrupted()
         if managed:
             host.mm.load_models_gpu([patcher(engine, n, host) for n in names], force_full_load=True)
-        elif offload == "idle":
+        elif offload in ("idle", "phase"):  # sequential holds one block at a time: nothing to make room for
             import torch
 
             need = sum(host.mm.module_size(getattr(engine, n)) for n in names)
@@ -274,7 +293,7 @@ def stage(model: WeGenModel, engine, *names: str):
                           f"width/height") from e
         raise
     finally:
-        if host is not None and host.mm is not None and offload == "idle":
+        if host is not None and host.mm is not None and offload != "none":
             host.mm.soft_empty_cache()
 
 

@@ -17,12 +17,17 @@ class WeGenLoader:
                    "folder. A models/wegen/ folder named like a bundled checkpoint replaces it. The model stays "
                    "cached; ComfyUI's memory manager moves it on and off the GPU ('Unload models' frees it). Nodes "
                    "whose steps, cfg, size or feature slice are left at their defaults use this checkpoint's "
-                   "recommended settings.")
+                   "recommended settings. Optional: preset 'release' (the release's fp16 + fp32 VAE, noise from a "
+                   "device generator in the model dtype, a token budget counting every token, bilinear input "
+                   "resize; the default 'comfyui' keeps ComfyUI's CPU noise, so a seed gives the same picture on "
+                   "every GPU), offload (none / idle / phase / sequential, extensions) and weight_dtype (fp8 "
+                   "storage, an extension).")
     RETURN_TYPES = ("WEGEN_MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The loaded WeGen model, for the MLLM Encode, Consistency Decode, Understand and "
                        "Reconstruct nodes.",)
     FUNCTION = "load"
+    APPENDED_WIDGETS = ("preset", "offload", "weight_dtype")  # workflows saved before them lack their values
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -43,14 +48,36 @@ class WeGenLoader:
                 "tooltip": "gpu: stays on the GPU under ComfyUI's memory manager (evicted when other models "
                            "need room, freed by 'Unload models'). offload when idle: each part moves to the GPU "
                            "only for its stage and back to RAM after (less VRAM, slower). cpu: runs on the CPU."}),
+        }, "optional": {
+            "preset": (list(host.PRESETS), {
+                "default": "comfyui",
+                "tooltip": "comfyui: noise from a CPU generator in fp32 (a seed gives the same picture on every GPU, "
+                           "ComfyUI's convention), bf16 where supported, max_new_tokens counts text only, bicubic "
+                           "input resize. release: exactly the release's choices: fp16 with the VAE decoding in "
+                           "fp32, noise from the GPU's generator in fp16, max_new_tokens counts every generated "
+                           "token (the 66-token image block too), bilinear antialiased 448 px input resize."}),
+            "offload": (list(host.OFFLOAD_MODES), {
+                "default": "auto",
+                "tooltip": "GPU memory (extensions). auto: as the device input says. none: everything resident. "
+                           "idle: each stage's parts visit the GPU and leave after it. phase: only the running "
+                           "stage's parts stay (official size: ~13.5 GB bf16, ~7 GB with fp8). sequential: LLM "
+                           "layers and UNet/EVA blocks stream from pinned RAM one at a time (~1.2 GB of weights; "
+                           "slowest)."}),
+            "weight_dtype": (list(host.WEIGHT_DTYPES), {
+                "default": "default",
+                "tooltip": "default: weights in the compute dtype. fp8_e4m3fn / fp8_e5m2 (extension, ComfyUI's "
+                           "convention): LLM, EVA and UNet weights stored in fp8 (half of bf16), each layer upcast "
+                           "when it runs; small quality loss (e4m3fn keeps more precision)."}),
         }}
 
-    def load(self, checkpoint, dtype="auto", device="gpu"):
-        if dtype not in host.DTYPES:
-            raise ValueError(f"dtype must be one of {list(host.DTYPES)}, got {dtype!r}")
-        if device not in host.DEVICE_POLICIES:
-            raise ValueError(f"device must be one of {list(host.DEVICE_POLICIES)}, got {device!r}")
-        model = host.WeGenModel(host.find_checkpoint(checkpoint), dtype, device)
+    def load(self, checkpoint, dtype="auto", device="gpu", preset="comfyui", offload="auto",
+             weight_dtype="default"):
+        for name, value, allowed in (("dtype", dtype, host.DTYPES), ("device", device, host.DEVICE_POLICIES),
+                                     ("preset", preset, host.PRESETS), ("offload", offload, host.OFFLOAD_MODES),
+                                     ("weight_dtype", weight_dtype, host.WEIGHT_DTYPES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        model = host.WeGenModel(host.find_checkpoint(checkpoint), dtype, device, preset, offload, weight_dtype)
         host.load_engine(model)  # load now, so a broken checkpoint fails on this node
         return (model,)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -105,3 +106,16 @@ def sweep(run, modules, check, limit: int = 500) -> int:
         else:
             raise AssertionError(f"{mode}: still failing after {limit} faults")
     return tried
+
+
+def folder_state(path) -> dict:
+    """{relative path: sha256 of the file, or "<dir>"} of everything under path (hidden files included): equal
+    before and after an operation means it changed nothing on disk."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for d in dirnames:
+            state[os.path.relpath(os.path.join(dirpath, d), path)] = "<dir>"
+        for f in filenames:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                state[os.path.relpath(os.path.join(dirpath, f), path)] = hashlib.sha256(fh.read()).hexdigest()
+    return state

@@ -1,7 +1,6 @@
 """Chat memory on the tiny checkpoint: sessions on disk, prefix KV reuse against a full recompute,
 consistency-aware decoding (bit-identical pixels outside the mask), nothing lost on failure, the
 cross-process lock, the `chat` command."""
-import hashlib
 import html
 import json
 import os
@@ -11,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from faults import folder_state
 
 from wegen import chat, decoder, prefix_cache, prompting, sessions
 from wegen.cli import main
@@ -19,17 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = dict(steps=2, width=64, height=64)
 MSGS = ("a red fox in the snow", "make the sky pink", "add a full moon")
 
-
-def folder_state(path) -> dict:
-    """{relative path: sha256 or '<dir>'} of everything under path (hidden files included)."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(path):
-        for d in dirnames:
-            state[os.path.relpath(os.path.join(dirpath, d), path)] = "<dir>"
-        for f in filenames:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                state[os.path.relpath(os.path.join(dirpath, f), path)] = hashlib.sha256(fh.read()).hexdigest()
-    return state
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from ComfyUI_WeGen.nodes import NODE_CLASS_MAPPINGS, host
 from ComfyUI_WeGen.nodes import chat as chat_nodes
 from ComfyUI_WeGen.nodes.loader import WeGenLoader
 from ComfyUI_WeGen.wegen import decoder, sessions
+from faults import folder_state
 
 from host_stubs import InterruptProcessingException
 
@@ -23,17 +24,6 @@ def engine(pack_engine):
     """The nodes' copy of the engine (ComfyUI_WeGen.wegen): the one their loader caches."""
     return pack_engine
 
-
-def folder_state(path) -> dict:
-    """{relative path: sha256} of every file under path (hidden files included)."""
-    import hashlib
-
-    state = {}
-    for dirpath, _, filenames in os.walk(path):
-        for f in filenames:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                state[os.path.relpath(os.path.join(dirpath, f), path)] = hashlib.sha256(fh.read()).hexdigest()
-    return state
 
 
 @pytest.fixture
@@ -109,18 +99,56 @@ def test_memory_actions_and_is_changed(comfy_host, model, root):
     ref = turn(model, ref, "two")["result"][2]
     after = chat_nodes.WeGenChatMemory.IS_CHANGED("acts", "continue")
     assert before != after  # a changed session re-runs the Memory node (and what follows it)
-    assert memory.open("acts", "undo last turn")[0].turn_ids == (1,)
+    undo = memory.open("acts", "undo last turn")[0]
+    assert undo.turn_ids == (1,) and undo.undone == 2 and undo.expect_turns() == (1, 2)
     reset = memory.open("acts", "reset")[0]
-    assert reset.turn_ids == () and reset.reset
-    assert sessions.load_session(root, "acts").turn_ids == (1,)  # the next Chat Turn applies it, with its turn
-    assert memory.open("acts", "undo last turn")[0].turn_ids == ()
+    assert reset.turn_ids == () and reset.reset and reset.expect_turns() is None
+    assert sessions.load_session(root, "acts").turn_ids == (1, 2)  # the next Chat Turn applies them, with its turn
     assert math.isnan(chat_nodes.WeGenChatMemory.IS_CHANGED("../x", "continue"))
     with pytest.raises(ValueError, match="session name"):
         memory.open("../x", "continue")
     with pytest.raises(ValueError, match="action must be one of"):
         memory.open("acts", "delete")
     with pytest.raises(ValueError, match="no turn to undo"):
-        memory.open("acts", "undo last turn")
+        memory.open("acts-empty", "undo last turn")
+    assert not os.path.exists(os.path.join(root, "acts-empty"))
+
+
+def test_memory_undo_commits_with_the_next_turn(comfy_host, model, root):
+    memory = chat_nodes.WeGenChatMemory()
+    ref = turn(model, memory.open("redo", "continue")[0], "one")["result"][2]
+    turn(model, ref, "two")
+    before = folder_state(os.path.join(root, "redo"))
+    undo = memory.open("redo", "undo last turn")[0]
+    assert folder_state(os.path.join(root, "redo")) == before  # nothing changes until a Chat Turn succeeds
+    comfy_host.interrupt_at_update = len(comfy_host.updates) + 66  # 65 token steps, then denoise step 1
+    with pytest.raises(InterruptProcessingException):
+        turn(model, undo, "two, again", steps=4)
+    assert folder_state(os.path.join(root, "redo")) == before  # the failed turn kept the undone one
+    comfy_host.interrupt_at_update = None
+    with pytest.raises(ValueError, match="mask is 32x32 but this turn is 64x64"):  # fails under the lock
+        turn(model, undo, "two, again", mask=torch.ones(1, 32, 32))
+    assert folder_state(os.path.join(root, "redo")) == before
+    out = turn(model, undo, "two, again")
+    session = sessions.load_session(root, "redo")
+    assert out["result"][2].turn_ids == session.turn_ids == (1, 3) and out["result"][2].undone is None
+    assert [t.user for t in session.turns] == ["one", "two, again"]
+    assert sorted(os.listdir(os.path.join(root, "redo", "turns"))) == ["000001", "000003"]
+    with pytest.raises(sessions.SessionError, match="changed since"):  # the same undo cannot drop a second turn
+        turn(model, undo, "once more")
+    assert sessions.load_session(root, "redo").turn_ids == (1, 3)
+
+
+def test_session_file_that_is_a_folder_is_a_clear_error(comfy_host, root):
+    path = os.path.join(root, "dir", sessions.SESSION_FILE)
+    os.makedirs(path)
+    for action in chat_nodes.ACTIONS:
+        with pytest.raises(sessions.SessionError, match="is a folder; it must be a file") as info:
+            chat_nodes.WeGenChatMemory().open("dir", action)
+        assert path in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(sessions.SessionError, match="is a folder; it must be a file"):
+        chat_nodes.api_session("dir")
+    assert os.path.isdir(path)
 
 
 def test_memory_reset_commits_with_the_next_turn(comfy_host, model, root):

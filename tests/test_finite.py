@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from faults import folder_state
 
 from wegen import chat, sessions
 from wegen.cli import main
@@ -66,14 +67,6 @@ def test_engine_refuses_non_finite_inputs(engine, case, value):
 
 
 # Chat turns: nothing non-finite is ever committed -------------------------------------------------------
-
-def folder_state(path):
-    out = {}
-    for d, _, fs in os.walk(path):
-        for f in fs:
-            with open(os.path.join(d, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(d, f), path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")

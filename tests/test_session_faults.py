@@ -1,7 +1,8 @@
-"""Sessions that cannot be lost: an interrupt or a kill at every filesystem call of turn, reset + turn, reset,
-undo and fork leaves a session that loads, in the old state or the new one, and the next open removes what the
-killed writer left. Also: reset commits with its turn, leftovers are cleaned, a stopped lock holder is reported
-after a bounded wait, session names with control characters are refused.
+"""Sessions that cannot be lost: an interrupt or a kill at every filesystem call of turn, reset + turn, undo +
+turn, reset, undo and fork leaves a session that loads, in the old state or the new one, and the next open removes
+what the killed writer left. Also: reset and undo commit with their turn, leftovers are cleaned, a stopped lock
+holder is reported after a bounded wait, session names with control characters are refused, a session file that
+is a folder is a clear error.
 
 The model is stubbed in the sweeps (the filesystem protocol is what is tested; test_chat.py runs the model)."""
 import os
@@ -83,13 +84,15 @@ def _ops(engine):
                  "fox", OLD, ((1, 2, 3, 4), OLD[1] + ("one more",))),
         "reset+turn": (lambda r: chat.chat_turn(engine, r, "fox", "start over", seed=5, reset=True, **FAST),
                        "fox", OLD, ((4,), ("start over",))),
+        "undo+turn": (lambda r: chat.chat_turn(engine, r, "fox", "a new moon", seed=5, undo=True, **FAST),
+                      "fox", OLD, ((1, 2, 4), OLD[1][:2] + ("a new moon",))),
         "reset": (lambda r: sessions.reset_session(r, "fox"), "fox", OLD, ((), ())),
         "undo": (lambda r: sessions.undo_turn(r, "fox"), "fox", OLD, ((1, 2), OLD[1][:2])),
         "fork": (lambda r: sessions.fork_session(r, "fox", "fox-b", 2), "fox-b", ((), ()), ((1, 2), OLD[1][:2])),
     }
 
 
-@pytest.mark.parametrize("op", ["turn", "reset+turn", "reset", "undo", "fork"])
+@pytest.mark.parametrize("op", ["turn", "reset+turn", "undo+turn", "reset", "undo", "fork"])
 def test_fault_at_every_fs_call_leaves_old_or_new_state(stub_model, template, tmp_path, op, fast_fsync):
     run_op, name, old, new = _ops(stub_model)[op]
     allowed = {old, new}
@@ -117,7 +120,7 @@ def test_interrupt_between_replace_and_directory_fsync_keeps_the_new_turn(stub_m
                                                                           monkeypatch):
     """The bricked-session window: session.json replaced, then Ctrl+C while the folder is fsynced."""
     real_fsync, real_replace = os.fsync, os.replace
-    for op in ("turn", "fork"):
+    for op in ("turn", "undo+turn", "fork"):
         root = fresh(template, tmp_path)
         run_op, name, old, new = _ops(stub_model)[op]
         replaced = []
@@ -184,6 +187,39 @@ def test_reset_and_turn_commit_once(stub_model, template, tmp_path):
     assert res.record.instruction.endswith("start over") and res.record.settings["reference"] == "none"
     assert sorted(os.listdir(os.path.join(root, "fox", "turns"))) == ["000004"]
     assert sessions.load_session(root, "fox") == res.session
+
+
+# undo commits with its turn -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(reference="previous", strength=0.5, width=32, height=32), ValueError),  # wrong size, found under the lock
+    (dict(expect_turns=(1, 2)), sessions.SessionError),  # a stale chat state
+    (dict(reset=True), ValueError),  # both: refused before the lock
+    (dict(), KeyboardInterrupt),  # Ctrl+C during the turn
+])
+def test_undo_with_a_failing_turn_keeps_the_session(stub_model, template, tmp_path, monkeypatch, kwargs, error):
+    root = fresh(template, tmp_path)
+    if error is KeyboardInterrupt:
+        monkeypatch.setattr(stub_model, "decode_pixels", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    before = sessions.load_session(root, "fox")
+    with pytest.raises(error):
+        chat.chat_turn(stub_model, root, "fox", "a new moon", seed=1, undo=True, **{**FAST, **kwargs})
+    assert sessions.load_session(root, "fox") == before and state(root, "fox") == OLD
+    assert leftovers(root, "fox") == []
+
+
+def test_undo_and_turn_commit_once(stub_model, template, tmp_path):
+    root = fresh(template, tmp_path)
+    rev = sessions.load_session(root, "fox").revision
+    res = chat.chat_turn(stub_model, root, "fox", "a new moon", seed=1, undo=True, strength=0.5, **FAST)
+    assert res.session.turn_ids == (1, 2, 4) and res.session.revision == rev + 1
+    assert res.record.settings["reference"] == "previous"  # turn 2's image: the turn sees the session without 3
+    assert sorted(os.listdir(os.path.join(root, "fox", "turns"))) == ["000001", "000002", "000004"]
+    assert sessions.load_session(root, "fox") == res.session
+    empty = str(tmp_path / "e")
+    with pytest.raises(sessions.SessionError, match="has no turn to undo"):
+        chat.chat_turn(stub_model, empty, "new", "hi", seed=1, undo=True, **FAST)
+    assert sessions.load_session(empty, "new").turns == ()
 
 
 # leftovers of killed writers -------------------------------------------------------------------------
@@ -266,6 +302,23 @@ def test_busy_in_this_process_names_the_pid(template, tmp_path, session_held):
     with session_held(root, "fox"):
         with pytest.raises(sessions.SessionError, match=rf"busy: another thread of this process \(pid {os.getpid()}\)"):
             sessions.undo_turn(root, "fox", blocking=False)
+
+
+# a session file that is a folder ---------------------------------------------------------------------
+
+def test_session_file_that_is_a_folder_is_a_clear_error(stub_model, tmp_path):
+    path = tmp_path / "dir" / sessions.SESSION_FILE
+    path.mkdir(parents=True)
+    changes = (lambda: sessions.load_session(str(tmp_path), "dir"),
+               lambda: sessions.undo_turn(str(tmp_path), "dir"),
+               lambda: sessions.reset_session(str(tmp_path), "dir"),
+               lambda: sessions.fork_session(str(tmp_path), "dir", "dir-b", 0),
+               lambda: chat.chat_turn(stub_model, str(tmp_path), "dir", "hi", seed=1, **FAST))
+    for change in changes:
+        with pytest.raises(sessions.CorruptSessionError, match="is a folder; it must be a file") as info:
+            change()
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert path.is_dir() and sorted(os.listdir(path.parent)) in (["session.json"], [".lock", "session.json"])
 
 
 # names --------------------------------------------------------------------------------------------------

@@ -261,8 +261,9 @@ def test_cli_sweep_ray_flag_reaches_the_ray_executor(engine, tiny_ckpt, tmp_path
     seen = {}
 
     class FakeRay(sw.LocalExecutor):
-        def __init__(self, checkpoint, address=None, *, dtype, device, workers):
+        def __init__(self, checkpoint, address=None, *, dtype, device, workers, offload, **engine_kw):
             seen.update(checkpoint=checkpoint, address=address, workers=workers)
+            assert offload == "none" and engine_kw == {"preset": "comfyui", "weight_dtype": "default"}
             super().__init__(engine)
 
         def close(self):

@@ -1,5 +1,6 @@
 """A sweep interrupted or killed at every filesystem call it makes (sweep.json, features, PNGs, contact sheet):
-what it left always loads, and `resume` then finishes it with every PNG equal to an uninterrupted run's.
+what it left always loads, and `resume` then finishes it with every PNG equal to an uninterrupted run's and
+removes the temp files (`.tmp-*`) the killed writes left, and nothing else.
 The executor is a stand-in (deterministic features and pictures, no model): the write path is what is tested."""
 import os
 import shutil
@@ -62,13 +63,39 @@ def test_sweep_fault_at_every_fs_call_resumes_to_the_same_pictures(info, tmp_pat
         started = os.path.isfile(os.path.join(out, sw.MANIFEST))
         if started:
             assert sw.load_manifest(out)["format"] == sweep_files.FORMAT, where  # what was left loads
-        resumed = sw.run_sweep(FakeExecutor(info), PROMPTS, SEEDS, SETTINGS, out_dir=out, resume=started)
+        if mode == "kill":
+            left_tmp[0] += bool(_temps(out))
+        resumed = sw.run_sweep(FakeExecutor(info), PROMPTS, SEEDS, SETTINGS, out_dir=out, resume=True)
         assert torch.equal(_u8(resumed.images), _u8(ref.images)), where  # finished batches come back from PNG
         assert sw.load_manifest(out)["status"] == "done", where
         got = _pngs(out)
         assert got.keys() == expected.keys() and all(np.array_equal(got[n], expected[n]) for n in got), where
+        assert _temps(out) == [], where  # what the killed writes left is gone
         shutil.rmtree(out)
 
+    left_tmp = [0]
     tried = faults.sweep(run, (sw, sweep_files, files, images), check)
-    print(f"\nfault injection, sweep: {tried} faulted runs (interrupt + kill), each resumed to the same pictures")
-    assert tried >= 20
+    print(f"\nfault injection, sweep: {tried} faulted runs (interrupt + kill), each resumed to the same pictures; "
+          f"{left_tmp[0]} kills left temp files, removed by the resume")
+    assert tried >= 20 and left_tmp[0] >= 5
+
+
+def _temps(out):
+    return [n for n in os.listdir(out) if n.startswith(".tmp-")] if os.path.isdir(out) else []
+
+
+def test_resume_removes_only_the_projects_temp_files(info, tmp_path):
+    out = tmp_path / "cut"
+    sw.run_sweep(FakeExecutor(info), PROMPTS, SEEDS, SETTINGS, out_dir=str(out))
+    ours = [".tmp-k1l2m3n4", ".tmp-probe-a_b9c0d1"]
+    theirs = [".tmp-Notes.txt", "x.tmp-abc", ".tmp-", "notes.txt"]
+    for name in ours + theirs:
+        (out / name).write_bytes(b"half a file")
+    (out / ".tmp-dir12345").mkdir()  # a folder: not a temp file of ours
+    os.symlink(out / "notes.txt", out / ".tmp-link1234")  # a link: left alone
+    before = sorted(os.listdir(out))
+    with pytest.raises(ValueError, match="already holds a sweep.json"):  # not resuming: nothing is touched
+        sw.run_sweep(FakeExecutor(info), PROMPTS, SEEDS, SETTINGS, out_dir=str(out))
+    assert sorted(os.listdir(out)) == before
+    sw.run_sweep(FakeExecutor(info), PROMPTS, SEEDS, SETTINGS, out_dir=str(out), resume=True)
+    assert sorted(os.listdir(out)) == sorted(set(before) - set(ours))

@@ -114,6 +114,20 @@ def test_ui_to_api_catches_widget_and_link_drift(comfy_host):
         headless.ui_to_api(foreign)
 
 
+def test_workflows_saved_before_the_loaders_appended_widgets_still_convert(comfy_host):
+    wf = ui("wegen_text_to_image")
+    loader = next(n for n in wf["nodes"] if n["type"] == "WeGenLoader")
+    assert len(loader["widgets_values"]) == 3  # saved before preset / offload / weight_dtype
+    inputs = headless.ui_to_api(wf)[str(loader["id"])]["inputs"]
+    assert "preset" not in inputs and inputs["device"] == loader["widgets_values"][2]  # defaults fill the rest
+    loader["widgets_values"] += ["release", "phase", "fp8_e4m3fn"]
+    inputs = headless.ui_to_api(wf)[str(loader["id"])]["inputs"]
+    assert (inputs["preset"], inputs["offload"], inputs["weight_dtype"]) == ("release", "phase", "fp8_e4m3fn")
+    loader["widgets_values"] = loader["widgets_values"][:2]
+    with pytest.raises(ValueError, match="widgets_values has 2 values but the node has 6"):
+        headless.ui_to_api(wf)
+
+
 def test_seed_widgets_get_a_control_value_like_the_frontend():
     info = workflow.object_info(NODE_CLASS_MAPPINGS)
     widgets = {name: control for name, control, _ in workflow.widgets(info["WeGenConsistencyDecode"])}

@@ -45,7 +45,8 @@ def chat_turn(engine, root: str, name: str, message: str, images: torch.Tensor |
               reference="auto", mask: torch.Tensor | None = None, strength: float = 1.0, feather: int = 16,
               temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512, var_cfg_scale: float = 1.0,
               feature_slice: str = "official", force_image: bool = True, history_features: str = "stored",
-              expect_turns=None, prefix_cache="auto", callback=None, stage=None, reset: bool = False) -> ChatResult:
+              expect_turns=None, prefix_cache="auto", callback=None, stage=None, reset: bool = False,
+              undo: bool = False) -> ChatResult:
     """Run one turn of session `name` under its lock and append it; on any failure nothing on disk changes.
 
     Args:
@@ -66,9 +67,12 @@ def chat_turn(engine, root: str, name: str, message: str, images: torch.Tensor |
             ("mllm"/"eva", then "unet"/"vae"): how ComfyUI puts each stage's modules on the GPU.
         reset: drop the session's earlier turns; the turn runs without them and the reset commits with the
             turn, in one step (a turn that fails leaves the old turns in place).
+        undo: drop the session's last turn the same way (the turn replaces it; a turn that fails keeps it).
         Other arguments: see WeGenEngine.encode / WeGenEngine.decode_pixels.
     """
     # 1) check inputs (before touching the session)
+    if reset and undo:
+        raise ValueError("reset and undo cannot both be set: a reset already drops every turn")
     rules.check_decode_args(steps, cfg, strength)
     _check_turn_args(message, images, mask, reference, strength, feather, history_features, seed)
     mask = None if mask is None else mask.reshape(1, *mask.shape[-2:]).float()  # (1, H, W)
@@ -80,12 +84,15 @@ def chat_turn(engine, root: str, name: str, message: str, images: torch.Tensor |
     rules.check_sampling(temperature, top_p, max_new_tokens)
 
     with session_lock(root, name):
-        # 2) the session as it is now (as the turn sees it: without its turns when resetting)
+        # 2) the session as it is now (as the turn sees it: without its turns when resetting, without the last
+        # one when undoing)
         on_disk = open_session(root, name)
         if expect_turns is not None and tuple(expect_turns) != on_disk.turn_ids:
             raise SessionError(f"chat session {name!r} changed since this chat state was made (it holds turns "
                                f"{list(on_disk.turn_ids)}, expected {list(expect_turns)}); re-run Chat Memory")
-        session = replace(on_disk, turns=()) if reset else on_disk
+        if undo and not on_disk.turns:
+            raise SessionError(f"chat session {name!r} has no turn to undo")
+        session = replace(on_disk, turns=() if reset else on_disk.turns[:-1] if undo else on_disk.turns)
         ref, ref_label, width, height = _resolve_reference(engine, session, reference, images, mask, strength,
                                                            width, height)
         eva = ("eva",) if images is not None or (history_features == "eva" and session.turns) else ()
@@ -111,7 +118,7 @@ def chat_turn(engine, root: str, name: str, message: str, images: torch.Tensor |
                                                              f"float16 overflow? try dtype fp32 or bf16)")
         record, files = turn_files(session.next_id, message, instruction, images, mask, reply, image, blocks,
                                     record_settings, stats)
-        session = commit_turn(on_disk, record, files, reset=reset)
+        session = commit_turn(on_disk, record, files, follows=session.turns)
     return ChatResult(image=image, reply=reply, features=features, session=session, record=session.turns[-1])
 
 

@@ -312,8 +312,11 @@ def estimate_bytes(parts, dtype) -> dict:
                       for t in (*m.parameters(), *m.buffers())) for name, m in modules.items()}
 
 
-def check_memory(parts, device, dtype, offload: str = "none") -> dict:
-    """Refuse a checkpoint whose weights do not fit this machine's RAM (or the GPU's free memory)."""
+def check_memory(parts, device, dtype, offload: str = "none", weight_dtype: str = "default") -> dict:
+    """Refuse a checkpoint whose weights do not fit this machine's RAM (or the GPU's free memory).
+
+    weight_dtype fp8_*: the LLM, EVA and UNet weights take one byte each on the GPU (wegen.memory);
+    offload="sequential" keeps about one block at a time there, so only RAM is checked."""
     need = estimate_bytes(parts, dtype)
     total = sum(need.values())
     detail = ", ".join(f"{k} {_gib(v)}" for k, v in need.items())
@@ -324,8 +327,12 @@ def check_memory(parts, device, dtype, offload: str = "none") -> dict:
                               f"({detail}) but this machine has {_gib(ram)} GiB of RAM; use a smaller dtype or a "
                               f"machine with more memory")
     gpu = gpu_memory(device)
-    if gpu is not None and offload != "spread":
+    if gpu is not None and offload not in ("spread", "sequential"):
         free, size = gpu
+        if weight_dtype != "default":
+            itemsize = dtype.itemsize
+            need = {k: (v // itemsize if k in ("LLM", "EVA", "UNet") else v) for k, v in need.items()}
+            total = sum(need.values())
         on_gpu = total if offload == "none" else max(need["LLM"], need["UNet"] + need["VAE"], need["EVA"])
         if on_gpu > size:
             raise CheckpointError(f"{parts.report.root}: the weights need about {_gib(on_gpu)} GiB on {device} in "

@@ -39,6 +39,10 @@ def _add_engine_args(p, checkpoint_required=True):
                    help="wegen_mllm_ckpt/ folder, its parent, or a converted folder")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    for flag, choices, tip in (("--preset", rules.PRESETS, "release: the release's numerics (see the README)"),
+                               ("--offload", rules.OFFLOAD_MODES, "GPU memory mode (README: GPU memory)"),
+                               ("--weight-dtype", rules.WEIGHT_DTYPES, "fp8: weights stored in fp8 (extension)")):
+        p.add_argument(flag, default=choices[0], choices=choices, help=tip)
 
 
 def _add_decode_args(p):
@@ -71,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="official layout -> converted layout (safetensors, mmap)")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--weight-dtype", default="default", choices=rules.WEIGHT_DTYPES,
+                   help="fp8: LLM/EVA/UNet Linear and Conv weights stored in fp8 (src may then be converted)")
 
     p = sub.add_parser("generate", help="prompt (+ reference images) -> PNG")
     _add_engine_args(p)
@@ -179,7 +185,8 @@ def _engine(args):
     from .engine import WeGenEngine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return WeGenEngine.load(args.checkpoint, dtype=args.dtype, device=device)
+    return WeGenEngine.load(args.checkpoint, dtype=args.dtype, device=device, offload=args.offload,
+                            preset=args.preset, weight_dtype=args.weight_dtype)
 
 
 def _wh(args, engine):
@@ -197,7 +204,7 @@ def cmd_make_tiny(args):
 def cmd_convert(args):
     from .loading import convert
 
-    print(convert(args.src, args.dst))
+    print(convert(args.src, args.dst, weight_dtype=args.weight_dtype))
 
 
 def cmd_generate(args):
@@ -422,7 +429,8 @@ def _sweep_executor(args):
         from .ray_sweep import RayExecutor
 
         return RayExecutor(args.checkpoint, args.ray or None, dtype=args.dtype, device=args.device,
-                           workers=args.ray_workers)
+                           workers=args.ray_workers, offload=args.offload, preset=args.preset,
+                           weight_dtype=args.weight_dtype)
     except ImportError as e:
         raise ValueError(str(e)) from e
 
@@ -458,7 +466,8 @@ def _replay(args):
     if device.startswith("cpu") and eng.get("threads"):
         torch.set_num_threads(int(eng["threads"]))  # CPU float reductions depend on the thread count
     engine = WeGenEngine.load(args.checkpoint or eng["checkpoint"],
-                              dtype=eng["dtype"] if args.dtype == "auto" else args.dtype, device=device)
+                              dtype=eng["dtype"] if args.dtype == "auto" else args.dtype, device=device,
+                              preset=eng.get("preset", args.preset), weight_dtype=eng.get("weight_dtype", "default"))
     image = reproduce(engine, manifest, args.index)
     item = manifest["items"][args.index]
     save_png(image[0], args.out, {"prompt": item["prompt"], "seed": item["seed"], "sweep_index": args.index})

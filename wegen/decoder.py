@@ -4,8 +4,9 @@ Follows the release's `src/models/detokenizer/adapter_modules.py` (SDXLAdapter.g
 diffusers' StableDiffusionXLPipeline with the text encoders removed:
   context = the 64 features (B, 64, C), pooled = their mean (B, C), time ids [H, W, 0, 0, H, W],
   classifier-free guidance against all-zero context and pooled (use_neg: False), Euler with the
-  SDXL scheduler config ("leading" spacing, steps_offset 1), seeded CPU generator, VAE decode with
-  an fp32 upcast when the VAE config says force_upcast.
+  SDXL scheduler config ("leading" spacing, steps_offset 1), VAE decode with an fp32 upcast when the
+  VAE config says force_upcast. Initial noise: a seeded CPU generator in fp32 by default (an extension:
+  the same picture on every GPU), or the release's device generator in the model dtype (noise="device").
 The loop is written out here so progress, previews and interrupts attach to it, and so the
 consistency extensions (reference latents + strength, edit mask, paste-back) can join it.
 """
@@ -107,17 +108,35 @@ def paste_back(decoded: torch.Tensor, reference: torch.Tensor, weight: torch.Ten
 
 # The loop ----------------------------------------------------------------------------------------
 
-def initial_noise(seeds: list[int], shape: tuple) -> torch.Tensor:
-    """(B, C, h, w) float32 standard noise, one seeded CPU generator per image (batch == singles)."""
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)))
-                      for s in seeds])
+NOISE_SOURCES = ("cpu", "device")
+
+
+def initial_noise(seeds: list[int], shape: tuple, source: str = "cpu", device="cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, C, h, w) standard noise, one seeded generator per image (batch == singles).
+
+    source="cpu" (default, an extension): float32 from a CPU generator, so a seed gives the same picture on
+    every GPU (ComfyUI's convention). source="device" (the release): `torch.Generator(device).manual_seed(seed)`
+    drawing in `dtype` on `device`, as diffusers' SDXL pipeline draws its latents (randn_tensor in the
+    prompt embeddings' dtype); returned as float32.
+    """
+    if source not in NOISE_SOURCES:
+        raise ValueError(f"noise source must be one of {NOISE_SOURCES}, got {source!r}")
+    if source == "cpu":
+        return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)))
+                          for s in seeds])
+    device = torch.device(device)
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator(device).manual_seed(int(s)),
+                                  device=device, dtype=dtype) for s in seeds]).float()
 
 
 def generate(unet, vae, scheduler, cfg: DecoderConfig, features: torch.Tensor, seeds: list[int], *,
              steps: int = 50, guidance_scale: float = 2.0, width: int = 1024, height: int = 1024,
              reference: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
-             feather: int = 16, callback=None, output: str = "images") -> torch.Tensor:
+             feather: int = 16, callback=None, output: str = "images", noise: str = "cpu") -> torch.Tensor:
     """(B, 64, C) features -> (B, H, W, 3) float32 images in 0..1 on the CPU.
+
+    noise: where the initial noise comes from (see initial_noise): "cpu" (default) or "device" (the release).
 
     output="latents" stops before the VAE and returns the (B, 4, h, w) float32 latents on the UNet's
     device (the bench times the denoising loop alone).
@@ -173,7 +192,7 @@ def generate(unet, vae, scheduler, cfg: DecoderConfig, features: torch.Tensor, s
 
     # 4) initial latents
     shape = (cfg.latent_channels, height // cfg.vae_scale_factor, width // cfg.vae_scale_factor)
-    noise = initial_noise(seeds, shape).to(device)
+    noise = initial_noise(seeds, shape, noise, device, dtype).to(device)
     ref_latents = latent_mask = weight = None
     if reference is not None:
         ref_latents = encode_latents(vae, cfg, reference).to(device)

@@ -2,7 +2,8 @@
 
 prompt + images -> tokens (prompting) -> EVA features (vision) -> token generation (mllm) -> 64 features
 -> UNet + VAE (decoder) -> pixels. Images in and out are float32 tensors (B, H, W, 3) in 0..1 on
-the CPU (ComfyUI's IMAGE layout). Engines are cached per (checkpoint, dtype, device, offload).
+the CPU (ComfyUI's IMAGE layout). Engines are cached per (checkpoint, dtype, device, offload, preset,
+weight_dtype). preset="release" takes the release's numerics (see PRESETS); wegen.memory has the memory modes.
 
 Public API (README "Engine API"): load, encode (prompt -> WeGenCondition), decode_pixels (features ->
 images), generate (both), understand, reconstruct, encode_images (EVA), generate_tokens + reply_text (the
@@ -13,6 +14,7 @@ Input rules (seeds, sizes, sampling) are wegen/rules.py's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checks, decoder, fastpath, loading, mllm, prompting, rules, vision
+from . import checks, decoder, fastpath, loading, memory, mllm, prompting, rules, vision
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,15 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 # none: everything on the device. idle: each stage's modules go back to the CPU after it runs.
 # phase: only the running stage's modules stay on the device (the others move to the CPU when it
-# starts), so a turn needs max(LLM, UNet + VAE) of GPU memory. spread: the LLM is spread over every
-# visible GPU with accelerate's device_map, the rest on `device`. phase and spread are extensions.
-OFFLOAD_POLICIES = ("none", "idle", "phase", "spread")
-RESIDENT_POLICIES = ("none", "spread")  # modules are placed once, at load
+# starts), so a turn needs max(LLM, UNet + VAE) of GPU memory. sequential: the LLM's layers, EVA's and the UNet's
+# blocks stream from CPU memory one at a time (wegen.memory). spread: the LLM is spread over every visible GPU
+# with accelerate's device_map, the rest on `device`. phase, sequential and spread are extensions.
+OFFLOAD_POLICIES = ("none", "idle", "phase", "sequential", "spread")
+RESIDENT_POLICIES = ("none", "sequential", "spread")  # modules are placed once, at load
 MODULES = ("mllm", "unet", "vae", "eva")  # the engine's torch modules, by attribute name
+# comfyui (default): CPU fp32 noise (a seed gives the same picture on every GPU), bf16 where supported, text-only
+# token budget, bicubic input resize. release: the release's choices (README "Official behaviour and extensions").
+PRESETS = rules.PRESETS
 _ENGINES: dict = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -50,8 +56,10 @@ class WeGenCondition:
         return self.features.shape[0]
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, preset: str = "comfyui") -> torch.dtype:
     if dtype == "auto":
+        if device.type == "cuda" and preset == "release":
+            return torch.float16  # the release runs fp16 (its CPU path does not exist: fp32 there)
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
@@ -85,16 +93,22 @@ class WeGenEngine:
     (token generation) or "denoise" (UNet steps), with "i" and "total"; raising in it stops the run.
     """
 
-    def __init__(self, parts: loading.LoadedParts, device="cpu", dtype="auto", offload="none"):
+    def __init__(self, parts: loading.LoadedParts, device="cpu", dtype="auto", offload="none", preset="comfyui",
+                 weight_dtype="default"):
+        self.weight_storage = memory.check_weight_dtype(weight_dtype)  # None: the compute dtype
+        self.weight_dtype = weight_dtype
         if offload not in OFFLOAD_POLICIES:
             raise ValueError(f"offload must be one of {OFFLOAD_POLICIES}, got {offload!r}")
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}") from e
         if offload == "spread" and self.device.type != "cuda":
             raise ValueError(f"offload='spread' spreads the LLM over CUDA GPUs; device is {device!r}")
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.preset = preset
+        self.dtype = resolve_dtype(dtype, self.device, preset)
         self.offload = offload
         self.parts = parts
         self.report = parts.report
@@ -109,39 +123,47 @@ class WeGenEngine:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the LLM embeds "
                 f"{parts.llama_config['vocab_size']}")
         rep = parts.report
-        checks.check_memory(parts, self.device, self.dtype, offload)  # before anything is allocated
+        checks.check_memory(parts, self.device, self.dtype, offload, weight_dtype)  # before anything is allocated
         self.mllm = _cast(loading.build_mllm(self.mllm_cfg, parts.llama_config, parts.mllm_state, rep), self.dtype)
         self.unet = _cast(loading.build_unet(parts.unet_config, parts.unet_state, rep), self.dtype)
-        vae_dtype = torch.float32 if (self.decoder_cfg.force_upcast and self.dtype == torch.float16) else self.dtype
+        memory.store_fp8(self.mllm, self.weight_storage)
+        memory.store_fp8(self.unet, self.weight_storage)
+        upcast = self.decoder_cfg.force_upcast and (self.dtype == torch.float16 or preset == "release")
+        vae_dtype = torch.float32 if upcast else self.dtype  # release: the VAE decodes in fp32
         self.vae = _cast(loading.build_vae(parts.vae_config, parts.vae_state, rep), vae_dtype)
         self.scheduler = loading.build_scheduler(parts.scheduler_config)
         self._eva = None  # built on first use: only image inputs need it
         self.lock = threading.RLock()
         self.prefix_cache = PrefixCache()  # prompt KV caches for chat turns (extension); cleared by release()
         fastpath.prepare_decoder_modules(self.unet, self.vae, self.device)
-        for m in (self.mllm, self.unet, self.vae):
+        for name, m in (("mllm", self.mllm), ("unet", self.unet), ("vae", self.vae)):
             m.eval().requires_grad_(False)
             if offload == "spread" and m is self.mllm:
                 self.mllm = fastpath.spread_module(m)
+            elif offload == "sequential":
+                memory.stream(m, memory.stream_units(name, m), self.device)
             elif offload in RESIDENT_POLICIES and not _all_on(m, self.device):
                 m.to(self.device)
         parts.mllm_state = parts.unet_state = parts.vae_state = None
-        log.info("WeGen loaded %s (%s layout): %s on %s, offload=%s, attention=sdpa; ignored %d keys, "
-                 "unexpected %d", rep.root, rep.layout, str(self.dtype).replace("torch.", ""), self.device,
-                 offload, len(rep.ignored), len(rep.unexpected))
+        log.info("WeGen loaded %s (%s layout): %s on %s, offload=%s, weights %s, preset %s, attention=sdpa; "
+                 "ignored %d keys, unexpected %d", rep.root, rep.layout, str(self.dtype).replace("torch.", ""),
+                 self.device, offload, weight_dtype, preset, len(rep.ignored), len(rep.unexpected))
         if rep.unexpected:
             log.warning("unexpected checkpoint keys (not loaded): %s", ", ".join(rep.unexpected[:20]))
 
     # Loading -------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, checkpoint: str, dtype: str = "auto", device: str = "cpu", offload: str = "none") -> "WeGenEngine":
-        """Cached per (checkpoint path, dtype, device, offload): loading twice returns the same object."""
+    def load(cls, checkpoint: str, dtype: str = "auto", device: str = "cpu", offload: str = "none",
+             preset: str = "comfyui", weight_dtype: str = "default") -> "WeGenEngine":
+        """Cached per (checkpoint path, dtype, device, offload, preset, weight_dtype): loading twice returns the
+        same object."""
         layout, root = loading.resolve_checkpoint(checkpoint)
-        key = (os.path.realpath(root), dtype, str(device), offload)
+        key = (os.path.realpath(root), dtype, str(device), offload, preset, weight_dtype)
         with _ENGINES_LOCK:
             if key not in _ENGINES:
-                _ENGINES[key] = cls(loading.load_parts(root), device=device, dtype=dtype, offload=offload)
+                _ENGINES[key] = cls(loading.load_parts(root), device=device, dtype=dtype, offload=offload,
+                                    preset=preset, weight_dtype=weight_dtype)
             return _ENGINES[key]
 
     @property
@@ -149,8 +171,11 @@ class WeGenEngine:
         """The EVA-CLIP tower, built on first use (only image inputs need it); see eva_built."""
         if self._eva is None:
             eva = loading.build_eva(self.eva_cfg, self.parts.eva_state, self.report).to(self.dtype)
+            memory.store_fp8(eva, self.weight_storage)
             self._eva = eva.eval().requires_grad_(False)
-            if self.offload in RESIDENT_POLICIES:
+            if self.offload == "sequential":
+                memory.stream(self._eva, memory.stream_units("eva", self._eva), self.device)
+            elif self.offload in RESIDENT_POLICIES:
                 self._eva.to(self.device)
             self.parts.eva_state = None
         return self._eva
@@ -207,9 +232,10 @@ class WeGenEngine:
 
     def set_offload(self, offload: str):
         """Switch a loaded engine between 'none', 'idle' and 'phase' (modules move now; the bench uses it)."""
-        allowed = tuple(p for p in OFFLOAD_POLICIES if p != "spread")
-        if offload not in allowed or self.offload == "spread":
-            raise ValueError(f"set_offload switches between {allowed} (a spread engine stays spread), got {offload!r} "
+        allowed = ("none", "idle", "phase")
+        if offload not in allowed or self.offload in ("spread", "sequential"):
+            raise ValueError(f"set_offload switches between {allowed} (a spread or sequential engine stays as it "
+                             f"was loaded), got {offload!r} "
                              f"on an engine loaded with offload={self.offload!r}")
         with self.lock:
             self.offload = offload
@@ -226,7 +252,8 @@ class WeGenEngine:
         """(N, H, W, 3) 0..1 -> pooled EVA features (N, 64, C) float32 on the CPU."""
         check_images(images)
         with self.lock, torch.inference_mode(), self._using(self.eva):
-            return vision.encode_images(self.eva, images, self.device, self.dtype).float().cpu()
+            resize = "bilinear" if self.preset == "release" else "bicubic"
+            return vision.encode_images(self.eva, images, self.device, self.dtype, resize).float().cpu()
 
     def encode(self, prompt, images: torch.Tensor | None = None, *, seed=0, temperature: float = 0.0,
                top_p: float = 1.0, max_new_tokens: int = 512, var_cfg_scale: float = 1.0,
@@ -239,7 +266,8 @@ class WeGenEngine:
             images: (N, H, W, 3) reference images, inserted as image blocks before the instruction.
             seed: sampling seed (int: row b uses seed + b; or one per prompt). Ignored at temperature 0.
             temperature, top_p: text sampling; 0 is the release's greedy decoding.
-            max_new_tokens: text-token budget before the image (release: 512).
+            max_new_tokens: token budget (release: 512); counts text tokens only, or every generated token
+                under preset="release" (as the release counts).
             var_cfg_scale: the release's var-cfg on the image-slot hidden states (1.0 = off).
             feature_slice: "official" (release) or "aligned" (extension, see mllm).
             force_image: append <img> so every row yields an image (extension).
@@ -298,7 +326,7 @@ class WeGenEngine:
             return decoder.generate(self.unet, self.vae, self.scheduler, self.decoder_cfg, features, seeds,
                                     steps=steps, guidance_scale=cfg, width=width, height=height,
                                     reference=reference, mask=mask, strength=strength, feather=feather,
-                                    callback=callback)
+                                    callback=callback, noise="device" if self.preset == "release" else "cpu")
 
     def generate(self, prompt, images=None, *, seed=0, steps: int = 50, cfg: float = 2.0, width=None, height=None,
                  callback=None, **encode_kwargs):
@@ -362,6 +390,8 @@ class WeGenEngine:
         and `prompt_cache`. Turn ids into text with reply_text.
         """
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        if self.preset == "release":  # the release's max_new_tokens counts every generated token
+            settings = dataclasses.replace(settings, count_all_tokens=True)
         with self.lock, torch.inference_mode(), self._using(self.mllm):
             return mllm.decode(self.mllm, rows_ids, rows_features, self.image_ids, settings, self.tokenizer.eos_id,
                                generators, callback, prefix=prefix, keep_prompt_cache=keep_prompt_cache)

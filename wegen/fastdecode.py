@@ -29,6 +29,8 @@ def llm_unsupported_reason(model) -> str | None:
     llm = getattr(getattr(model, "llm", None), "model", None)
     if llm is None or not hasattr(llm, "layers") or not hasattr(llm, "rotary_emb"):
         return "the LLM is not a transformers Llama model (no .llm.model.layers / rotary_emb)"
+    if any(getattr(m, "_wegen_streamed", False) for m in model.modules()):
+        return "the LLM's layers stream from CPU memory (offload='sequential'; the static step skips their hooks)"
     if getattr(model.llm, "hf_device_map", None) or any(hasattr(m, "_hf_hook") for m in model.modules()):
         return "the LLM is dispatched by accelerate (hooks move tensors between devices)"
     rope = str(getattr(llm.rotary_emb, "rope_type", "default"))

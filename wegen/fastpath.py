@@ -235,6 +235,9 @@ def unet_runner(unet, ctx: torch.Tensor, added: dict, zero_rows: int = 0):
     plain = PlainDenoiser(call, ctx, added)
     if not _graphs_allowed(ctx.device):
         return plain
+    if any(getattr(m, "_wegen_streamed", False) for m in unet.modules()):  # weights move every call
+        _log_once("unetstream", "UNet graphs skipped: its blocks stream from CPU memory (offload='sequential')")
+        return plain
     if torch.is_grad_enabled():
         _log_once("unetgrad", "UNet graphs skipped: autograd is on (the engine decodes under inference_mode)")
         return plain

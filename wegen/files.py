@@ -4,13 +4,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import stat
 import tempfile
+
+TEMP_PREFIX = ".tmp-"  # write_atomic's and probe_folder's temp files: .tmp-XXXXXXXX, .tmp-probe-XXXXXXXX
+_TEMP_RE = re.compile(r"\.tmp-(?:probe-)?[a-z0-9_]+")
 
 
 def write_atomic(path: str, data: bytes):
     """Temp file in the same folder, fsync, os.replace: readers see the old or the new file, never half."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -22,6 +27,19 @@ def write_atomic(path: str, data: bytes):
             os.unlink(tmp)
         raise
     fsync_dir(folder)
+
+
+def remove_temp_files(folder: str) -> list[str]:
+    """Delete the temp files a killed write_atomic / probe_folder left in `folder` (regular files named like
+    theirs; nothing else); returns their names. Call only while no other writer uses the folder."""
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        with contextlib.suppress(OSError):
+            if _TEMP_RE.fullmatch(entry) and stat.S_ISREG(os.lstat(path).st_mode):
+                os.unlink(path)
+                removed.append(entry)
+    return removed
 
 
 def fsync_dir(folder: str):
@@ -46,7 +64,7 @@ def probe_folder(folder: str, what: str) -> str:
     """Write, fsync and remove a small file in `folder` now, so a read-only or full disk is found before any
     work (not after the model ran); ValueError naming `what` otherwise."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}probe-", dir=folder)
         try:
             os.write(fd, bytes(4096))
             os.fsync(fd)

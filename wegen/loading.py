@@ -423,7 +423,8 @@ def build_scheduler(scheduler_config: dict):
 # Converting --------------------------------------------------------------------------------------
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 PAD_PREFIX = "__pad"
 
 
@@ -453,10 +454,17 @@ def save_aligned_safetensors(tensors: dict, path: str, align: int = 64):
         for chunk in chunks:
             f.write(chunk)
 
-def convert(src: str, dst: str) -> str:
-    """Official layout -> converted layout (wegen_config.json + safetensors). Returns dst."""
+def convert(src: str, dst: str, weight_dtype: str = "default") -> str:
+    """Official layout -> converted layout (wegen_config.json + safetensors). Returns dst.
+
+    weight_dtype fp8_e4m3fn / fp8_e5m2 (an extension; either layout as src) stores the Linear and Conv2d weights
+    of the LLM, EVA and UNet in fp8 (wegen.memory); loading upcasts them unless the engine keeps fp8.
+    """
+    from . import memory
+
+    storage = memory.check_weight_dtype(weight_dtype)
     parts = load_parts(src)
-    if parts.report.layout != "official":
+    if parts.report.layout != "official" and storage is None:
         raise CheckpointError(f"{src} is already in the converted layout")
     dst = os.path.abspath(dst)
     try:
@@ -466,6 +474,10 @@ def convert(src: str, dst: str) -> str:
     for name in os.listdir(parts.tokenizer_dir):
         shutil.copy2(os.path.join(parts.tokenizer_dir, name), os.path.join(dst, "tokenizer", name))
     states = (parts.eva_state, parts.mllm_state, parts.unet_state, parts.vae_state)
+    if storage is not None:
+        metas = (build_eva(parts.eva_cfg), build_mllm(parts.mllm_cfg, parts.llama_config),
+                 build_unet(parts.unet_config))
+        states = tuple(memory.fp8_state(m, st, storage) for m, st in zip(metas, states[:3])) + states[3:]
     for name, state in zip(CONVERTED_FILES, states):
         save_aligned_safetensors(state, os.path.join(dst, name))
     config = {"format": "wegen-converted", "version": 1,
@@ -473,7 +485,9 @@ def convert(src: str, dst: str) -> str:
                             "eva_head_width": parts.eva_cfg.head_width, "image_size": parts.eva_cfg.image_size},
               "eva": asdict(parts.eva_cfg), "llama": parts.llama_config, "unet": parts.unet_config,
               "vae": parts.vae_config, "scheduler": parts.scheduler_config,
-              "source": {"layout": "official", "files": parts.report.sources}}
+              "source": {"layout": parts.report.layout, "files": parts.report.sources}, "weight_dtype": weight_dtype}
+    if parts.recommended:
+        config["recommended"] = parts.recommended
     with open(os.path.join(dst, CONVERTED_CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1, default=str)
     return dst

@@ -153,6 +153,7 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None, t
 @dataclass
 class DecodeSettings:
     max_new_tokens: int = 512  # release: 512
+    count_all_tokens: bool = False  # release: True (every generated token counts); default: text tokens only
     temperature: float = 0.0  # release: greedy
     top_p: float = 1.0
     var_cfg_scale: float = 1.0  # release: 1.0 (off)
@@ -372,6 +373,8 @@ def _next_embeddings(model, rows: list[_Row], h, image_ids, settings, eos_id, ge
         if token == eos_id or (forced[b] is None and token != image_ids.start and
                                row.n_text >= settings.max_new_tokens):
             row.done = True
+        if settings.count_all_tokens and len(row.result.ids) >= settings.max_new_tokens:
+            row.done = True  # the release's budget: every generated token, image block included
         if token == image_ids.end and settings.stop_after_image:
             row.done = True
         if token in image_ids.slots:

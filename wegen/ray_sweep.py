@@ -38,12 +38,12 @@ def import_ray():
 class EngineActor:
     """Body of one Ray actor: a WeGen engine and the batch calls of wegen.sweep."""
 
-    def __init__(self, checkpoint: str, dtype: str, device: str, offload: str, threads: int | None):
+    def __init__(self, checkpoint: str, dtype: str, device: str, offload: str, threads: int | None, **engine_kw):
         self.threads = threads
         self._set_threads()
         from .engine import WeGenEngine
 
-        self.engine = WeGenEngine.load(checkpoint, dtype=dtype, device=device, offload=offload)
+        self.engine = WeGenEngine.load(checkpoint, dtype=dtype, device=device, offload=offload, **engine_kw)
 
     def _set_threads(self):
         """OpenMP's thread count is per calling thread, and Ray may run methods on another thread than
@@ -82,7 +82,8 @@ class RayExecutor:
     """Executor for wegen.sweep.run_sweep backed by Ray actors. Use as a context manager (closes Ray)."""
 
     def __init__(self, checkpoint: str, address: str | None = None, *, dtype: str = "auto", device: str | None = None,
-                 offload: str = "none", workers: int | None = None, threads: int | None = None):
+                 offload: str = "none", workers: int | None = None, threads: int | None = None, **engine_kw):
+        """engine_kw: preset / weight_dtype, passed to every actor's WeGenEngine.load."""
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers (Ray actors) must be a positive integer, got {workers!r}")
         ray = import_ray()
@@ -106,7 +107,7 @@ class RayExecutor:
             options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
         remote = ray.remote(**options)(EngineActor)
         path = os.path.abspath(checkpoint)
-        self.actors = [remote.remote(path, dtype, device, offload, threads) for _ in range(count)]
+        self.actors = [remote.remote(path, dtype, device, offload, threads, **engine_kw) for _ in range(count)]
         try:
             infos = ray.get([a.info.remote() for a in self.actors])
         except Exception as e:  # RayActorError / RayTaskError wrap the worker's exception

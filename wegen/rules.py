@@ -93,6 +93,9 @@ def check_feather(feather) -> int:
 
 # Text sampling -----------------------------------------------------------------------------------------
 
+PRESETS = ("comfyui", "release")  # release: the release's numerics (README "Official behaviour and extensions")
+OFFLOAD_MODES = ("none", "idle", "phase", "sequential")  # memory modes a user picks (wegen.memory; engine adds spread)
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2")  # fp8: weights stored in fp8, upcast per layer (extension)
 FEATURE_SLICES = ("official", "aligned")  # official = the release's slice; aligned = an extension (see mllm)
 HISTORY_FEATURES = ("stored", "eva")  # chat (extension): how past generated images re-enter the prompt
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import prompting
-from .files import fsync_dir, write_atomic
+from .files import fsync_dir, remove_temp_files, write_atomic
 from .images import encode_image
 from .locking import folder_lock
 from .rules import check_finite
@@ -201,6 +201,9 @@ def load_session(root: str, name: str) -> ChatSession:
     path = os.path.join(folder, SESSION_FILE)
     if not os.path.exists(path):
         return ChatSession(root=os.path.abspath(root), name=name)
+    if os.path.isdir(path):
+        raise CorruptSessionError(f"chat session file {path} is a folder; it must be a file: move that folder "
+                                  f"away, or use another session name")
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
@@ -274,10 +277,7 @@ def _remove_leftovers(root: str, name: str, keep=()):
         return
     folder = session_folder(root, name)
     turns_dir = os.path.join(folder, "turns")
-    for entry in os.listdir(folder):
-        if entry.startswith(".tmp-"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, entry))
+    remove_temp_files(folder)
     for entry in os.listdir(turns_dir) if os.path.isdir(turns_dir) else ():
         if entry.startswith(".stage-") or (re.fullmatch(r"\d{6}", entry) and int(entry) not in listed):
             shutil.rmtree(os.path.join(turns_dir, entry), ignore_errors=True)
@@ -363,9 +363,10 @@ def _check_fork(src: ChatSession, dst: ChatSession, k):
         raise SessionError(f"session {dst.name!r} already exists; fork into a new name")
 
 
-def commit_turn(session: ChatSession, record: TurnRecord, files: dict, reset: bool = False) -> ChatSession:
-    """Write a turn's files (staged, renamed into place), then session.json with the turn appended (reset:
-    with the turn alone). Call under session_lock with the snapshot open_session read under that lock."""
+def commit_turn(session: ChatSession, record: TurnRecord, files: dict, follows: tuple | None = None) -> ChatSession:
+    """Write a turn's files (staged, renamed into place), then session.json with the turn appended to `follows`
+    (default: the session's turns; () after a reset, all but the last after an undo). Call under session_lock
+    with the snapshot open_session read under that lock."""
     turns_dir = os.path.join(session.folder, "turns")
     tid = max(session.next_id, record.id)
     while os.path.exists(os.path.join(turns_dir, f"{tid:06d}")):  # a folder that could not be removed
@@ -383,7 +384,7 @@ def commit_turn(session: ChatSession, record: TurnRecord, files: dict, reset: bo
     except BaseException:
         _after_failure(session)
         raise
-    turns = () if reset else session.turns
+    turns = session.turns if follows is None else tuple(follows)
     return _commit(session, replace(session, turns=turns + (record,), next_id=tid + 1))
 
 

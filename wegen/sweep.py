@@ -166,6 +166,8 @@ def engine_info(engine) -> dict:
         "vae_dtype": next(k for k, v in DTYPES.items() if v == engine.vae.dtype),
         "device": str(engine.device),
         "offload": engine.offload,
+        "preset": getattr(engine, "preset", "comfyui"),
+        "weight_dtype": getattr(engine, "weight_dtype", "default"),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "default_size": engine.decoder_cfg.default_size,

@@ -3,8 +3,9 @@
 `sweep.json` (format wegen-sweep/1) records every prompt, seed, setting, batch and the engine, so that
 `wegen.sweep.reproduce` can make any image again bit for bit on the same kind of machine. Each finished
 decode batch writes its PNGs and then the manifest (atomic writes), and the prompts' features go to
-`features.safetensors`: a rerun with `resume=True` (`open_out_dir`) skips finished batches and redoes
-unfinished ones whole, so resumed images equal uninterrupted ones bit for bit. Running the sweep is
+`features.safetensors`: a rerun with `resume=True` (`open_out_dir`) removes the temp files a killed write
+left (`.tmp-*`), skips finished batches and redoes unfinished ones whole, so resumed images equal
+uninterrupted ones bit for bit. Running the sweep is
 wegen/sweep.py; this module only reads and writes the folder.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .files import write_atomic, write_json_atomic
+from .files import remove_temp_files, write_atomic, write_json_atomic
 from .inputs import check_features, check_manifest
 
 if TYPE_CHECKING:
@@ -47,8 +48,8 @@ def build_manifest(info: dict, settings: SweepSettings, plan: SweepPlan, rewrite
     return {
         "format": FORMAT,
         "extension": "WeGen diversity sweep (not in the official release)",
-        "engine": {k: info[k] for k in ("checkpoint", "dtype", "vae_dtype", "device", "offload", "threads",
-                                        "torch")},
+        "engine": {k: info[k] for k in ("checkpoint", "dtype", "vae_dtype", "device", "offload", "preset",
+                                        "weight_dtype", "threads", "torch")},
         "settings": asdict(settings),
         "rewrite": rewrite,
         "prompts": plan.prompts,
@@ -68,6 +69,8 @@ def open_out_dir(out_dir: str, manifest: dict, resume: bool) -> set:
     check_writable(out_dir, is_dir=True)
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
+        if resume:  # a sweep killed while writing its first sweep.json
+            _remove_temp_files(out_dir)
         write_manifest(out_dir, manifest)
         return set()
     if not resume:
@@ -82,6 +85,7 @@ def open_out_dir(out_dir: str, manifest: dict, resume: bool) -> set:
         if old["engine"].get(key) != manifest["engine"][key]:
             raise ValueError(f"cannot resume {path}: it was made with engine {key}={old['engine'].get(key)!r}, "
                              f"this run has {manifest['engine'][key]!r} (images would not match bit for bit)")
+    _remove_temp_files(out_dir)
     done = {it["index"] for it in old["items"]
             if it.get("done") and os.path.isfile(os.path.join(out_dir, it["file"]))}
     for it in manifest["items"]:
@@ -89,6 +93,12 @@ def open_out_dir(out_dir: str, manifest: dict, resume: bool) -> set:
     write_manifest(out_dir, manifest)
     log.info("resuming %s: %d of %d images already done", path, len(done), len(manifest["items"]))
     return done
+
+
+def _remove_temp_files(out_dir: str):
+    removed = remove_temp_files(out_dir)
+    if removed:
+        log.info("removed %d temp files a killed sweep left in %s: %s", len(removed), out_dir, ", ".join(removed))
 
 
 def load_manifest(path: str) -> dict:

@@ -125,18 +125,29 @@ def avg_pool_tokens(tokens: torch.Tensor, n_query: int = 64) -> torch.Tensor:
     return pooled.flatten(2).transpose(1, 2)  # (B, 64, C)
 
 
-def preprocess(images: torch.Tensor, image_size: int = 448) -> torch.Tensor:
-    """(B, H, W, 3) float 0..1 -> (B, 3, S, S) CLIP-normalised; resize to S x S, no crop, bicubic."""
+RESIZE_MODES = ("bicubic", "bilinear")
+
+
+def preprocess(images: torch.Tensor, image_size: int = 448, resize: str = "bicubic") -> torch.Tensor:
+    """(B, H, W, 3) float 0..1 -> (B, 3, S, S) CLIP-normalised; resize to S x S, no crop.
+
+    resize="bilinear" is the release's transform (torchvision `Resize((448, 448))`: bilinear with antialias,
+    as its tensor path computes it); "bicubic" (antialiased, clamped to 0..1) is this pack's default, an
+    extension kept for the images the bundled checkpoints were trained on.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
     if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
-        x = x.clamp(0, 1)
+        x = F.interpolate(x, size=(image_size, image_size), mode=resize, align_corners=False, antialias=True)
+        if resize == "bicubic":  # bicubic overshoots; bilinear weights are >= 0 and the release does not clamp
+            x = x.clamp(0, 1)
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def encode_images(eva: VisionTransformer, images: torch.Tensor, device, dtype) -> torch.Tensor:
+def encode_images(eva: VisionTransformer, images: torch.Tensor, device, dtype, resize: str = "bicubic") -> torch.Tensor:
     """(B, H, W, 3) 0..1 -> pooled EVA features (B, 64, C) in `dtype` on `device`."""
-    pixels = preprocess(images, eva.cfg.image_size).to(device=device, dtype=dtype)
+    pixels = preprocess(images, eva.cfg.image_size, resize).to(device=device, dtype=dtype)
     return avg_pool_tokens(eva(pixels), eva.cfg.n_query)

@@ -59,6 +59,8 @@ def object_info(mappings: dict) -> dict:
         info[name] = {"input": inputs, "input_order": {section: list(specs) for section, specs in inputs.items()},
                       "output": list(cls.RETURN_TYPES), "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
                       "display_name": getattr(cls, "TITLE", None) or name}
+        if getattr(cls, "APPENDED_WIDGETS", ()):  # not ComfyUI's: widgets a workflow saved before them lacks
+            info[name]["appended_widgets"] = list(cls.APPENDED_WIDGETS)
     return info
 
 
@@ -106,7 +108,10 @@ def widget_values(node: dict, info: dict, strict: bool = False) -> dict:
         return {name: values[name] for name, _, _ in names if name in values}
     if strict:
         expected = len(names) + sum(control for _, control, _ in names) + len(FRONTEND_WIDGETS.get(node["type"], ()))
-        if not expected <= len(values) <= expected + sum(upload for _, _, upload in names):
+        appended, tail = set(info.get("appended_widgets") or ()), 0
+        while tail < len(names) and names[-1 - tail][0] in appended and not names[-1 - tail][1]:
+            tail += 1  # trailing widgets added later keep their defaults, as in the editor
+        if not expected - tail <= len(values) <= expected + sum(upload for _, _, upload in names):
             slots = ", ".join(name + (" + control" if control else "") for name, control, _ in names)
             raise ValueError(f"node {node['id']} ({node['type']}): widgets_values has {len(values)} values but the "
                              f"node has {expected} widget slots ({slots})")
