@@ -115,17 +115,28 @@ def test_ui_to_api_catches_widget_and_link_drift(comfy_host):
 
 
 def test_workflows_saved_before_the_loaders_appended_widgets_still_convert(comfy_host):
+    """As the editor does: a widget the saved workflow has no value for keeps its default, and the prompt sends it."""
     wf = ui("wegen_text_to_image")
     loader = next(n for n in wf["nodes"] if n["type"] == "WeGenLoader")
-    assert len(loader["widgets_values"]) == 3  # saved before preset / offload / weight_dtype
+    assert loader["widgets_values"][3:] == ["comfyui", "auto", "default"]  # saved with the appended widgets
+    loader["widgets_values"] = loader["widgets_values"][:3]  # saved before preset / offload / weight_dtype
     inputs = headless.ui_to_api(wf)[str(loader["id"])]["inputs"]
-    assert "preset" not in inputs and inputs["device"] == loader["widgets_values"][2]  # defaults fill the rest
+    assert inputs == {"checkpoint": "wegen-toy", "dtype": "auto", "device": loader["widgets_values"][2],
+                      "preset": "comfyui", "offload": "auto", "weight_dtype": "default"}
     loader["widgets_values"] += ["release", "phase", "fp8_e4m3fn"]
     inputs = headless.ui_to_api(wf)[str(loader["id"])]["inputs"]
     assert (inputs["preset"], inputs["offload"], inputs["weight_dtype"]) == ("release", "phase", "fp8_e4m3fn")
     loader["widgets_values"] = loader["widgets_values"][:2]
     with pytest.raises(ValueError, match="widgets_values has 2 values but the node has 6"):
         headless.ui_to_api(wf)
+
+
+def test_missing_widget_values_take_the_editors_defaults():
+    info = {"input": {"required": {"n": ("INT", {"default": 4}), "pick": (["a", "b"],), "x": ("FLOAT", {}),
+                                   "new": ("COMBO", {"options": ["p", "q"]}), "t": ("STRING", {}),
+                                   "on": ("BOOLEAN", {})}}}
+    assert workflow.widget_values({"id": 1, "type": "N", "widgets_values": [7]}, info) == {
+        "n": 7, "pick": "a", "x": 0.0, "new": "p", "t": "", "on": False}
 
 
 def test_seed_widgets_get_a_control_value_like_the_frontend():

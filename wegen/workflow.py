@@ -100,6 +100,20 @@ def widgets(info: dict) -> list[tuple[str, bool, bool]]:
     return out
 
 
+def widget_default(info: dict, name: str):
+    """The value the editor gives a widget that a saved workflow has no value for: its declared default, else the
+    first choice of a combo, 0 for a number, False for a toggle, "" for text."""
+    inputs = info.get("input") or {}
+    spec = {**(inputs.get("required") or {}), **(inputs.get("optional") or {})}[name]
+    options, kind = _options(spec), _kind(spec)
+    if "default" in options:
+        return options["default"]
+    if kind == "COMBO":
+        choices = spec[0] if isinstance(spec[0], (list, tuple)) else options.get("options") or [None]
+        return choices[0]
+    return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False}.get(kind, "")
+
+
 def widget_values(node: dict, info: dict, strict: bool = False) -> dict:
     """A UI node's widgets_values (positional, or a dict) -> {widget input name: value}."""
     names = widgets(info)
@@ -117,7 +131,8 @@ def widget_values(node: dict, info: dict, strict: bool = False) -> dict:
                              f"node has {expected} widget slots ({slots})")
     out, i = {}, 0
     for j, (name, control, upload) in enumerate(names):
-        if i >= len(values):
+        if i >= len(values):  # a workflow saved before these widgets existed: the editor gives them their defaults
+            out.update((rest, widget_default(info, rest)) for rest, _, _ in names[j:])
             break
         out[name] = values[i]
         i += 1
