@@ -2,7 +2,7 @@
 
 Checks /object_info, posts every tests/workflows/*.api.json to /prompt and waits for success in /history, checks
 the UI workflows' widgets and links against the real node definitions, interrupts a long decode, and unloads
-models between runs. The page itself is tests/test_frontend.py's.
+models between runs. The page itself is tests/test_js_workflows.py's.
 """
 from __future__ import annotations
 
