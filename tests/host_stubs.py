@@ -261,3 +261,30 @@ def comfy_host(monkeypatch, tiny_ckpt):
     if not os.path.exists(link):
         os.symlink(tiny_ckpt, link)
     return install(monkeypatch, models_dir)
+
+
+# Node test inputs (tests/test_nodes*.py) ---------------------------------------------------------------
+
+SMALL = dict(steps=2, cfg=2.0, width=64, height=64)
+
+
+def image(B=1, H=64, W=64, seed=0):
+    import torch
+
+    return torch.rand(B, H, W, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def check_image(out, B, H, W):
+    import torch
+
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert tuple(out.shape) == (B, H, W, 3)
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+def center_mask(B=1, H=64, W=64):
+    import torch
+
+    mask = torch.zeros(B, H, W)
+    mask[:, H // 4:3 * H // 4, W // 4:3 * W // 4] = 1.0
+    return mask

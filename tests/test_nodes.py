@@ -1,5 +1,6 @@
-"""Node contract tests under stand-in ComfyUI modules (tests/host_stubs.py): INPUT_TYPES, return tuples,
-IMAGE layout, seeds, interrupts, bad inputs. Tiny checkpoint, 64 px, 2-3 steps."""
+"""Node contract tests under stand-in ComfyUI modules (tests/host_stubs.py) for the whole pack: declarations,
+progress, previews, interrupts, memory management, the import graph, checkpoint recommendations. One node's own
+tests live in tests/test_nodes_<node file>.py. Tiny checkpoint, 64 px, 2-3 steps."""
 from __future__ import annotations
 
 import inspect
@@ -14,9 +15,8 @@ from ComfyUI_WeGen.nodes.encode import WeGenMLLMEncode
 from ComfyUI_WeGen.nodes.loader import WeGenLoader
 from ComfyUI_WeGen.nodes.understand import WeGenUnderstand
 
-from host_stubs import InterruptProcessingException
+from host_stubs import SMALL, InterruptProcessingException, check_image, image
 
-SMALL = dict(steps=2, cfg=2.0, width=64, height=64)
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
 
@@ -34,22 +34,6 @@ def model(comfy_host):
 @pytest.fixture(scope="module")
 def cond(engine):
     return engine.encode("a red fox in the snow", max_new_tokens=8)
-
-
-def image(B=1, H=64, W=64, seed=0):
-    return torch.rand(B, H, W, 3, generator=torch.Generator().manual_seed(seed))
-
-
-def check_image(out, B, H, W):
-    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.device.type == "cpu"
-    assert tuple(out.shape) == (B, H, W, 3)
-    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
-
-
-def center_mask(B=1, H=64, W=64):
-    mask = torch.zeros(B, H, W)
-    mask[:, H // 4:3 * H // 4, W // 4:3 * W // 4] = 1.0
-    return mask
 
 
 # Declarations ------------------------------------------------------------------------------------
@@ -106,237 +90,6 @@ def test_extensions_are_labelled():
         assert "extension" in opts[name]["tooltip"].lower(), name
     for name, entry in WeGenConsistencyDecode.INPUT_TYPES()["optional"].items():
         assert "extension" in entry[1]["tooltip"].lower(), name
-
-
-# Loader --------------------------------------------------------------------------------------------
-
-def test_loader_lists_checkpoint_folders(comfy_host, tmp_path, tiny_ckpt):
-    import os
-
-    extra = tmp_path / "extra"
-    (extra / "not_a_checkpoint").mkdir(parents=True)
-    os.symlink(tiny_ckpt, extra / "tiny_copy")
-    (extra / "stray_file.txt").write_text("x")
-    folder_paths = comfy_host.modules["folder_paths"]
-    folder_paths.add_model_folder_path("wegen", str(extra))  # what an extra_model_paths.yaml entry does
-    names, opts = WeGenLoader.INPUT_TYPES()["required"]["checkpoint"]
-    assert names == ["wegen-toy", "tiny", "tiny_copy"]  # the bundled checkpoint first, with no setup
-    assert opts["default"] == "wegen-toy"
-    assert os.path.join(comfy_host.models_dir, "wegen") in folder_paths.get_folder_paths("wegen")
-
-
-def test_loader_finds_the_bundled_checkpoint_by_name(comfy_host):
-    from ComfyUI_WeGen.wegen.loading import BUNDLED_DIR
-
-    assert host.find_checkpoint("wegen-toy") == os.path.join(BUNDLED_DIR, "wegen-toy")
-    model = WeGenLoader().load("wegen-toy", "fp32", "cpu")[0]
-    assert model.checkpoint == os.path.join(BUNDLED_DIR, "wegen-toy")
-    assert "wegen-toy" in WeGenLoader.DESCRIPTION
-
-
-def test_a_model_folder_named_like_a_bundled_checkpoint_replaces_it(comfy_host, tmp_path, tiny_ckpt):
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    os.symlink(tiny_ckpt, extra / "wegen-toy")
-    comfy_host.modules["folder_paths"].add_model_folder_path("wegen", str(extra))
-    names = WeGenLoader.INPUT_TYPES()["required"]["checkpoint"][0]
-    assert names == ["wegen-toy", "tiny"]  # listed once
-    assert host.find_checkpoint("wegen-toy") == str(extra / "wegen-toy")
-
-
-def test_bundled_checkpoint_listed_without_comfyui(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # no models/wegen here
-    assert host.comfy() is None
-    assert host.list_checkpoints()[0] == "wegen-toy"
-    assert WeGenLoader.INPUT_TYPES()["required"]["checkpoint"][1]["default"] == "wegen-toy"
-
-
-def test_loader_returns_handle_to_cached_engine(model, engine):
-    assert isinstance(model, host.WeGenModel) and (model.dtype, model.device) == ("fp32", "cpu")
-    assert host.load_engine(model) is engine
-
-
-def test_loader_auto_dtype_shares_the_engine(comfy_host, engine):
-    handle = WeGenLoader().load("tiny", "auto", "gpu")[0]  # stand-in host: the "GPU" is the CPU
-    assert host.load_engine(handle) is engine
-
-
-@pytest.mark.parametrize("args, error, words", [
-    (("nope", "fp32", "cpu"), FileNotFoundError, ["'nope'", "wegen", "make-tiny"]),
-    (("tiny", "int8", "cpu"), ValueError, ["dtype", "'int8'", "fp32"]),
-    (("tiny", "fp32", "tpu"), ValueError, ["device", "'tpu'", "offload when idle"]),
-    (("", "fp32", "cpu"), ValueError, ["checkpoint", "models/wegen"]),
-])
-def test_loader_bad_inputs(comfy_host, args, error, words):
-    with pytest.raises(error) as e:
-        WeGenLoader().load(*args)
-    assert all(w in str(e.value) for w in words), str(e.value)
-
-
-def test_loader_names_missing_files(comfy_host, tmp_path):
-    broken = tmp_path / "broken"
-    (broken / "pretrained").mkdir(parents=True)
-    comfy_host.modules["folder_paths"].add_model_folder_path("wegen", str(tmp_path))
-    with pytest.raises(ValueError, match="missing .*broken"):
-        WeGenLoader().load("broken", "fp32", "cpu")
-
-
-# MLLM Encode ---------------------------------------------------------------------------------------
-
-def test_encode_returns_cond_and_reply(model):
-    cond, reply = WeGenMLLMEncode().encode(model, "a red fox", max_new_tokens=8)
-    assert tuple(cond.features.shape) == (1, 64, 112) and cond.features.dtype == torch.float32
-    assert isinstance(reply, str) and reply == cond.texts[0]
-
-
-def test_encode_with_image_batch_and_same_seed(model):
-    node, refs = WeGenMLLMEncode(), image(B=2)
-    a = node.encode(model, "", seed=7, temperature=0.8, max_new_tokens=4, images=refs)[0]
-    b = node.encode(model, "", seed=7, temperature=0.8, max_new_tokens=4, images=refs)[0]
-    single = node.encode(model, "", max_new_tokens=4, images=refs[:1])[0]
-    assert torch.equal(a.features, b.features)
-    assert not torch.equal(a.features, single.features)  # both images entered the prompt
-
-
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(text=""), ["text is empty", "images"]),
-    (dict(text=3), ["text must be a string"]),
-    (dict(text="x", images=torch.rand(1, 64, 64, 4)), ["images", "3 RGB channels", "alpha"]),
-    (dict(text="x", images=torch.zeros(1, 64, 64, 3, dtype=torch.uint8)), ["images", "floats"]),
-    (dict(text="x", temperature=-1.0), ["temperature", "-1.0"]),
-    (dict(text="x", top_p=0.0), ["top_p"]),
-    (dict(text="x", feature_slice="middle"), ["feature_slice", "'middle'"]),
-    (dict(text="x", seed=-1), ["seed", "-1"]),
-])
-def test_encode_bad_inputs(model, kwargs, words):
-    with pytest.raises(ValueError) as e:
-        WeGenMLLMEncode().encode(model, max_new_tokens=4, **kwargs)
-    assert all(w in str(e.value) for w in words), str(e.value)
-
-
-def test_encode_rejects_a_foreign_model(comfy_host):
-    with pytest.raises(ValueError, match="WEGEN_MODEL from a WeGen Loader"):
-        WeGenMLLMEncode().encode("tiny", "x")
-
-
-# Consistency Decode -------------------------------------------------------------------------------
-
-def test_decode_image_layout_and_seeds(model, cond):
-    node = WeGenConsistencyDecode()
-    out = node.decode(model, cond, seed=5, **SMALL)
-    assert isinstance(out, tuple) and len(out) == len(node.RETURN_TYPES)
-    check_image(out[0], 1, 64, 64)
-    assert torch.equal(out[0], node.decode(model, cond, seed=5, **SMALL)[0])
-    assert not torch.equal(out[0], node.decode(model, cond, seed=6, **SMALL)[0])
-
-
-def test_decode_batch_of_references_uses_seed_plus_row(model, cond):
-    node, ref = WeGenConsistencyDecode(), image(B=2)
-    out = node.decode(model, cond, seed=5, reference=ref, strength=0.5, **SMALL)[0]
-    check_image(out, 2, 64, 64)
-    row1 = node.decode(model, cond, seed=6, reference=ref[1:], strength=0.5, **SMALL)[0]
-    assert torch.allclose(out[1:], row1, atol=1e-4)  # batched kernels may round differently
-    assert not torch.allclose(out[:1], row1, atol=1e-2)
-
-
-def test_decode_seed_wraps_at_the_top_of_the_range(model, cond):
-    node, ref = WeGenConsistencyDecode(), image(B=2)
-    out = node.decode(model, cond, seed=2**64 - 1, reference=ref, strength=0.5, **SMALL)[0]
-    row1 = node.decode(model, cond, seed=0, reference=ref[1:], strength=0.5, **SMALL)[0]
-    assert torch.allclose(out[1:], row1, atol=1e-4)
-
-
-def test_decode_mask_keeps_the_reference_outside(model, cond):
-    ref, mask = image(), center_mask()
-    out = WeGenConsistencyDecode().decode(model, cond, seed=1, reference=ref, mask=mask, strength=1.0, feather=4,
-                                          **SMALL)[0]
-    check_image(out, 1, 64, 64)
-    keep = torch.ones(64, 64, dtype=torch.bool)
-    keep[16 - 4:48 + 4, 16 - 4:48 + 4] = False  # mask + feather
-    assert torch.equal(out[0][keep], ref[0][keep])
-    assert not torch.equal(out[0][~keep], ref[0][~keep])
-
-
-def test_decode_accepts_a_2d_mask_of_the_same_aspect(model, cond):
-    mask = center_mask(H=32, W=32)[0]  # (H, W), half size
-    out = WeGenConsistencyDecode().decode(model, cond, seed=1, reference=image(), mask=mask, strength=0.7, **SMALL)
-    check_image(out[0], 1, 64, 64)
-
-
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(mask=center_mask()), ["mask needs a reference"]),
-    (dict(strength=0.5), ["strength 0.5 needs a reference"]),
-    (dict(reference=image()), ["reference without a mask needs strength < 1"]),
-    (dict(reference=image(H=48), strength=0.5), ["reference is 64x48", "width x height is 64x64"]),
-    (dict(reference=image(), mask=torch.zeros(1, 64, 64)), ["mask row(s) [0] are empty", "LoadImage"]),
-    (dict(reference=image(), mask=torch.ones(1, 64, 64)), ["covers every pixel", "strength"]),
-    (dict(reference=image(), mask=center_mask(H=64, W=32)), ["mask is 32x64", "aspect"]),
-    (dict(reference=image(B=3), strength=0.5, mask=center_mask(B=2)), ["batch sizes", "reference has 3", "mask has 2"]),
-    (dict(reference=image(), mask=center_mask(), feather=-1), ["feather", "-1"]),
-    (dict(strength=1.5), ["strength must be in 0..1"]),
-    (dict(width=60), ["width", "multiple of 8", "60"]),
-    (dict(steps=-1), ["steps", "1..1000"]),
-    (dict(cfg=-0.5), ["cfg", ">= 0", "-1", "checkpoint's recommendation"]),
-    (dict(reference=image(), strength=0.01, steps=2), ["no denoising step"]),
-])
-def test_decode_refuses_what_it_cannot_do(model, cond, kwargs, words):
-    args = {**SMALL, **kwargs}
-    with pytest.raises(ValueError) as e:
-        WeGenConsistencyDecode().decode(model, cond, seed=0, **args)
-    assert all(w in str(e.value) for w in words), str(e.value)
-
-
-def test_decode_rejects_bad_conds(model, engine):
-    with pytest.raises(ValueError, match="WEGEN_COND from a WeGen MLLM Encode"):
-        WeGenConsistencyDecode().decode(model, "a cat", seed=0, **SMALL)
-    foreign = type("Cond", (), {"features": torch.zeros(1, 64, 1792)})()
-    with pytest.raises(ValueError, match=r"\(1, 64, 1792\).*same checkpoint"):
-        WeGenConsistencyDecode().decode(model, foreign, seed=0, **SMALL)
-    two = engine.encode(["a", "b"], max_new_tokens=4)
-    with pytest.raises(ValueError, match="cond has 2"):
-        WeGenConsistencyDecode().decode(model, two, seed=0, reference=image(B=3), strength=0.5, **SMALL)
-
-
-# Reconstruct and Understand -----------------------------------------------------------------------
-
-def test_reconstruct_batch_and_seed(model):
-    node, pics = WeGenReconstruct(), image(B=2, H=40, W=56)
-    out = node.reconstruct(model, pics, seed=3, **SMALL)
-    assert len(out) == 1
-    check_image(out[0], 2, 64, 64)
-    assert torch.equal(out[0], node.reconstruct(model, pics, seed=3, **SMALL)[0])
-
-
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(images=torch.rand(64, 64)), ["images", "(B, H, W, 3)"]),
-    (dict(images="pic.png"), ["images must be an IMAGE"]),
-    (dict(height=-8), ["height", "multiple of 8"]),
-])
-def test_reconstruct_bad_inputs(model, kwargs, words):
-    args = {"images": image(), "seed": 0, **SMALL, **kwargs}
-    with pytest.raises(ValueError) as e:
-        WeGenReconstruct().reconstruct(model, **args)
-    assert all(w in str(e.value) for w in words), str(e.value)
-
-
-def test_understand_returns_text_and_shows_it(comfy_host, model):
-    node = WeGenUnderstand()
-    out = node.understand(model, image(B=2), "What is this?", max_new_tokens=6, unique_id="7")
-    assert isinstance(out, tuple) and len(out) == 1 and isinstance(out[0], str)
-    assert out == node.understand(model, image(B=2), "What is this?", max_new_tokens=6)
-    assert comfy_host.texts[0] == ("7", out[0])
-
-
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(question="  "), ["question is empty"]),
-    (dict(images=None), ["images must be an IMAGE"]),
-    (dict(max_new_tokens=0), ["max_new_tokens", "0"]),
-])
-def test_understand_bad_inputs(model, kwargs, words):
-    args = {"images": image(), "question": "What?", **kwargs}
-    with pytest.raises(ValueError) as e:
-        WeGenUnderstand().understand(model, **args)
-    assert all(w in str(e.value) for w in words), str(e.value)
 
 
 # Progress, previews, interrupts ---------------------------------------------------------------------
