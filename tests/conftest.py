@@ -77,3 +77,34 @@ def fast_fsync(monkeypatch):
     """os.fsync as a no-op: the fault-injection sweeps (tests/faults.py) simulate a process that dies, not a machine
     that loses power, and thousands of fsyncs are slow on a shared disk."""
     monkeypatch.setattr(os, "fsync", lambda fd: None)
+
+
+class _EagerGraph:
+    """Stand-in for a CUDA graph on the CPU: replay runs the captured function again."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.fn()
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """fastpath's graph code on the CPU (tests/test_fastpath.py, test_fastdecode.py): _capture_graph keeps its
+    warm-up/reset contract, replay re-runs."""
+    from wegen import fastpath
+
+    captured = []
+
+    def capture(fn, device, warmup, reset=None):
+        for _ in range(warmup):
+            fn()
+        if reset is not None:
+            reset()
+        captured.append(fn)
+        return _EagerGraph(fn)
+
+    monkeypatch.setattr(fastpath, "_capture_graph", capture)
+    with fastpath.settings(static_on_cpu=True, graphs_on_cpu=True):
+        yield captured
