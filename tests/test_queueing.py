@@ -1,7 +1,8 @@
 """`queue` (extension): UI->API conversion, --set expansion, round-robin over servers, downloads, resume, errors.
 
 The servers are a small stand-in for ComfyUI's HTTP API (POST /prompt, GET /history/<id>, /queue, /view,
-/object_info) on 127.0.0.1 in a thread; the real host is tried when COMFYUI_PATH is set (see the end).
+/object_info) on 127.0.0.1 in a thread; the real host is tried when COMFYUI_PATH is set (in tests/test_workflows.py,
+with the bundled workflows).
 """
 from __future__ import annotations
 
@@ -434,71 +435,3 @@ def test_wait_does_not_spin_forever_on_a_quiet_server(servers, tmp_path):
     summary = queueing.run_queue(_write(tmp_path / "wf.json", API), [servers[0].url], [], str(tmp_path / "out"),
                                **_quick(timeout=0.3))
     assert summary["failed"] == 1 and time.time() - start < 10
-
-
-# The bundled workflows: queue's converter against our node definitions, and the real host ---------
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-UI_WORKFLOWS = sorted(f[:-len(".json")] for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))
-
-
-def _object_info(mappings) -> dict:
-    """/object_info as ComfyUI 0.8 builds it from V1 node classes (server.py node_info), for our mappings."""
-    from wegen.workflow import object_info
-
-    return json.loads(json.dumps(object_info(mappings)))  # through JSON, as a client sees it
-
-
-def _twin(name) -> dict:
-    with open(os.path.join(ROOT, "tests", "workflows", f"{name}.api.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _ui_file(name) -> dict:
-    with open(os.path.join(ROOT, "workflows", f"{name}.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _plain(api) -> dict:
-    return {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
-
-
-@pytest.mark.parametrize("name", UI_WORKFLOWS)
-def test_bundled_ui_workflows_convert_to_their_api_twins(comfy_host, name):
-    from ComfyUI_WeGen.nodes import headless
-
-    converted = queueing.ui_to_api(_ui_file(name), _object_info(headless.node_mappings()))
-    assert _plain(converted) == _plain(_twin(name))
-
-
-def test_psr_workflow_expands_with_set(comfy_host):
-    from ComfyUI_WeGen.nodes import headless
-
-    api = queueing.ui_to_api(_ui_file("psr_diversity_sweep"), _object_info(headless.node_mappings()))
-    jobs = queueing.expand_jobs(api, [queueing.parse_set("WeGen Prompt Self-Rewrite.seed=1,2"),
-                                    queueing.parse_set("3.seeds=1,3")])
-    assert [(p["2"]["inputs"]["seed"], p["3"]["inputs"]["seeds"]) for _, p in jobs] == [(1, 1), (1, 3), (2, 1), (2, 3)]
-
-
-# The real ComfyUI: the `server` fixture of tests/comfyui_host.py (skips without COMFYUI_PATH).
-
-@pytest.mark.integration
-def test_queue_converts_every_bundled_workflow_with_the_real_object_info(server):
-    info = queueing.Server(server.url).object_info()
-    for name in UI_WORKFLOWS:
-        assert _plain(queueing.ui_to_api(_ui_file(name), info)) == _plain(_twin(name)), name
-
-
-@pytest.mark.integration
-def test_queue_runs_the_psr_ui_workflow_on_the_real_host(server, tmp_path):
-    out = str(tmp_path / "q")
-    workflow = os.path.join(ROOT, "workflows", "psr_diversity_sweep.json")
-    sets = ["WeGen Prompt Self-Rewrite.n=2", "WeGen Prompt Self-Rewrite.max_new_tokens=8", "3.steps=2",
-            "3.width=64", "3.height=64", "3.seed=1,2"]
-    summary = queueing.run_queue(workflow, [server.url], sets, out, max_pending=2, timeout=600, poll=0.5)
-    assert (summary["done"], summary["failed"]) == (2, 0), summary["errors"]
-    for job in ("job_0000", "job_0001"):
-        pngs = [f for f in os.listdir(os.path.join(out, job)) if f.endswith(".png")]
-        assert len(pngs) == 2 * 2 + 1  # 2 prompts x 2 seeds + the contact sheet
-    again = queueing.run_queue(workflow, [server.url], sets, out, timeout=600, poll=0.5)
-    assert (again["skipped"], again["done"]) == (2, 0)

@@ -1,7 +1,7 @@
 """The bundled workflows: UI files well formed and twins of tests/workflows/*.api.json; every API workflow run
-through the node classes in dependency order (stand-in host); the headless runner's rules and errors. The converter
-itself (Reroute, PrimitiveNode, bypass, mute) is tested in test_workflow.py, the demo (`python demo.py`) in
-test_demo.py."""
+through the node classes in dependency order (stand-in host); the headless runner's rules and errors; `queue`'s
+converter on them (stand-in and real host). The converter itself (Reroute, PrimitiveNode, bypass, mute) is tested in
+test_workflow.py, the demo (`python demo.py`) in test_demo.py."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +13,8 @@ import pytest
 import torch
 from ComfyUI_WeGen.nodes import NODE_CLASS_MAPPINGS, headless
 from ComfyUI_WeGen.wegen import workflow
+
+from wegen import queueing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "workflows", "*.json")))
@@ -267,3 +269,70 @@ def test_core_standins(tmp_path):
     assert os.path.isfile(tmp_path / "sub" / "pic_00002_.png")
     with pytest.raises(ValueError, match="filename_prefix"):
         headless.SaveImage(run).save_images(torch.rand(1, 8, 8, 3), "../escape")
+
+
+# `python -m wegen queue`'s converter against our node definitions, and the real host -----------------
+
+UI_WORKFLOWS = sorted(f[:-len(".json")] for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))
+
+
+def _object_info(mappings) -> dict:
+    """/object_info as ComfyUI 0.8 builds it from V1 node classes (server.py node_info), for our mappings."""
+    from wegen.workflow import object_info
+
+    return json.loads(json.dumps(object_info(mappings)))  # through JSON, as a client sees it
+
+
+def _twin(name) -> dict:
+    with open(os.path.join(ROOT, "tests", "workflows", f"{name}.api.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _ui_file(name) -> dict:
+    with open(os.path.join(ROOT, "workflows", f"{name}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _plain(api) -> dict:
+    return {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_bundled_ui_workflows_convert_to_their_api_twins(comfy_host, name):
+    from ComfyUI_WeGen.nodes import headless
+
+    converted = queueing.ui_to_api(_ui_file(name), _object_info(headless.node_mappings()))
+    assert _plain(converted) == _plain(_twin(name))
+
+
+def test_psr_workflow_expands_with_set(comfy_host):
+    from ComfyUI_WeGen.nodes import headless
+
+    api = queueing.ui_to_api(_ui_file("psr_diversity_sweep"), _object_info(headless.node_mappings()))
+    jobs = queueing.expand_jobs(api, [queueing.parse_set("WeGen Prompt Self-Rewrite.seed=1,2"),
+                                    queueing.parse_set("3.seeds=1,3")])
+    assert [(p["2"]["inputs"]["seed"], p["3"]["inputs"]["seeds"]) for _, p in jobs] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+
+
+# The real ComfyUI: the `server` fixture of tests/comfyui_host.py (skips without COMFYUI_PATH).
+
+@pytest.mark.integration
+def test_queue_converts_every_bundled_workflow_with_the_real_object_info(server):
+    info = queueing.Server(server.url).object_info()
+    for name in UI_WORKFLOWS:
+        assert _plain(queueing.ui_to_api(_ui_file(name), info)) == _plain(_twin(name)), name
+
+
+@pytest.mark.integration
+def test_queue_runs_the_psr_ui_workflow_on_the_real_host(server, tmp_path):
+    out = str(tmp_path / "q")
+    workflow = os.path.join(ROOT, "workflows", "psr_diversity_sweep.json")
+    sets = ["WeGen Prompt Self-Rewrite.n=2", "WeGen Prompt Self-Rewrite.max_new_tokens=8", "3.steps=2",
+            "3.width=64", "3.height=64", "3.seed=1,2"]
+    summary = queueing.run_queue(workflow, [server.url], sets, out, max_pending=2, timeout=600, poll=0.5)
+    assert (summary["done"], summary["failed"]) == (2, 0), summary["errors"]
+    for job in ("job_0000", "job_0001"):
+        pngs = [f for f in os.listdir(os.path.join(out, job)) if f.endswith(".png")]
+        assert len(pngs) == 2 * 2 + 1  # 2 prompts x 2 seeds + the contact sheet
+    again = queueing.run_queue(workflow, [server.url], sets, out, timeout=600, poll=0.5)
+    assert (again["skipped"], again["done"]) == (2, 0)
