@@ -8,45 +8,16 @@ import sys
 
 import pytest
 import torch
+from decode_helpers import counting_backend as _counting_backend
+from decode_helpers import decode as _decode
+from decode_helpers import gens as _gens
+from decode_helpers import ids as _ids
 
-from wegen import decoder, fastpath, loading, mllm, prompting
+from wegen import decoder, fastpath, loading, mllm
 from wegen import engine as engine_mod
 from wegen.engine import WeGenEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _ids(engine, prompt, force_image=True, history=None, task="generate"):
-    turns = list(history or []) + [prompting.Turn(prompt)]
-    return prompting.prompt_ids(engine.tokenizer, turns, 64, task, force_image=force_image)
-
-
-def _decode(engine, rows, settings=None, static=False, gens=None, feats=None, **kw):
-    settings = settings or mllm.DecodeSettings()
-    feats = feats or [None] * len(rows)
-    with torch.inference_mode(), fastpath.settings(static_on_cpu=static):
-        out = mllm.decode(engine.mllm, rows, feats, engine.image_ids, settings, engine.tokenizer.eos_id, gens, **kw)
-    fastpath.release(engine.mllm)
-    return out
-
-
-def _gens(*seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def _close(a, b, tol=1e-5):
-    return float((a - b).abs().max()) <= tol * float(b.abs().max())
-
-
-def _counting_backend(calls, inner="aot_eager"):
-    """A torch.compile backend that records each compiled graph and hands it to `inner`."""
-    from torch._dynamo.backends.registry import lookup_backend
-
-    def backend(gm, example_inputs):
-        calls.append(len(gm.graph.nodes))
-        return lookup_backend(inner)(gm, example_inputs)
-
-    return backend
 
 
 # UNet: graphs and the zero-context skip ------------------------------------------------------------
