@@ -42,6 +42,20 @@ def pack_engine(tiny_ckpt):
     return WeGenEngine.load(tiny_ckpt, dtype="fp32", device="cpu")
 
 
+@pytest.fixture
+def model(comfy_host):
+    """A WEGEN_MODEL handle to the tiny checkpoint on the CPU, from the pack's Loader (node tests)."""
+    from ComfyUI_WeGen.nodes.loader import WeGenLoader
+
+    return WeGenLoader().load("tiny", "fp32", "cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def cond(pack_engine):
+    """A WEGEN_CONDITION from the pack's engine (node tests)."""
+    return pack_engine.encode("a red fox in the snow", max_new_tokens=8)
+
+
 class InterruptProcessingException(Exception):
     pass
 

@@ -26,16 +26,6 @@ def engine(pack_engine):
     return pack_engine
 
 
-@pytest.fixture
-def model(comfy_host):
-    return WeGenLoader().load("tiny", "fp32", "cpu")[0]
-
-
-@pytest.fixture(scope="module")
-def cond(engine):
-    return engine.encode("a red fox in the snow", max_new_tokens=8)
-
-
 # Declarations ------------------------------------------------------------------------------------
 
 def test_mappings_ids_titles_and_display_names():

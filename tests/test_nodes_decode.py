@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from ComfyUI_WeGen.nodes.decode import WeGenConsistencyDecode, WeGenReconstruct
-from ComfyUI_WeGen.nodes.loader import WeGenLoader
 
 from host_stubs import SMALL, center_mask, check_image, image
 
@@ -14,16 +13,6 @@ from host_stubs import SMALL, center_mask, check_image, image
 def engine(pack_engine):
     """The nodes' copy of the engine (ComfyUI_WeGen.wegen): the one their loader caches."""
     return pack_engine
-
-
-@pytest.fixture
-def model(comfy_host):
-    return WeGenLoader().load("tiny", "fp32", "cpu")[0]
-
-
-@pytest.fixture(scope="module")
-def cond(engine):
-    return engine.encode("a red fox in the snow", max_new_tokens=8)
 
 
 # Consistency Decode -------------------------------------------------------------------------------

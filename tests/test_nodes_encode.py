@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from ComfyUI_WeGen.nodes.encode import WeGenMLLMEncode
-from ComfyUI_WeGen.nodes.loader import WeGenLoader
 
 from host_stubs import image
-
-
-@pytest.fixture
-def model(comfy_host):
-    return WeGenLoader().load("tiny", "fp32", "cpu")[0]
-
 
 # MLLM Encode ---------------------------------------------------------------------------------------
 

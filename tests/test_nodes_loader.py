@@ -15,11 +15,6 @@ def engine(pack_engine):
     return pack_engine
 
 
-@pytest.fixture
-def model(comfy_host):
-    return WeGenLoader().load("tiny", "fp32", "cpu")[0]
-
-
 # Loader --------------------------------------------------------------------------------------------
 
 def test_loader_lists_checkpoint_folders(comfy_host, tmp_path, tiny_ckpt):

@@ -3,15 +3,9 @@ bad inputs."""
 from __future__ import annotations
 
 import pytest
-from ComfyUI_WeGen.nodes.loader import WeGenLoader
 from ComfyUI_WeGen.nodes.understand import WeGenUnderstand
 
 from host_stubs import image
-
-
-@pytest.fixture
-def model(comfy_host):
-    return WeGenLoader().load("tiny", "fp32", "cpu")[0]
 
 
 def test_understand_returns_text_and_shows_it(comfy_host, model):
